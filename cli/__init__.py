@@ -1,0 +1,1 @@
+"""specsearch command line."""

@@ -1,0 +1,1 @@
+"""SpecCLIP models: encoders, heads, decoders, losses, built from named configs."""

@@ -1,0 +1,165 @@
+"""The one place that defines specsearch's table schemas (canonical shards, rejects, truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InputError
+from .grids import N_LRS, N_XP
+
+LABELS = ("teff", "logg", "fe_h", "alpha_m")
+LABEL_UNITS = {"teff": "K", "logg": "dex", "fe_h": "dex", "alpha_m": "dex"}
+
+LRS_ARRAY = pa.list_(pa.float32(), N_LRS)
+XP_ARRAY = pa.list_(pa.float32(), N_XP)
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("obsid", pa.int64()),
+        pa.field("release", pa.string(), nullable=False),
+        pa.field("lrs_flux", LRS_ARRAY),
+        pa.field("lrs_ivar", LRS_ARRAY),
+        pa.field("xp_flux", XP_ARRAY),
+        pa.field("xp_flux_error", XP_ARRAY),
+    ]
+    + [pa.field(name, pa.float32()) for label in LABELS for name in (label, f"{label}_err")]
+)
+ARRAY_COLUMNS = ("lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error")
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("release", pa.string()),
+        pa.field("file", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("source_id", pa.int64()),
+        pa.field("obsid", pa.int64()),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("anomaly_class", pa.string(), nullable=False),
+        pa.field("parameters", pa.string()),  # JSON object with the injection parameters
+    ]
+)
+
+
+def _fixed_list(values: np.ndarray | None, width: int, n: int) -> pa.Array:
+    """(n, width) float array with NaN rows meaning missing -> FixedSizeList<float32> with nulls."""
+    list_type = pa.list_(pa.float32(), width)
+    if values is None:
+        return pa.nulls(n, type=list_type)
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != (n, width):
+        raise InputError(f"array column has shape {values.shape}, expected ({n}, {width})")
+    missing = np.all(np.isnan(values), axis=1)
+    flat = pa.array(np.where(np.isnan(values), 0.0, values).ravel(), type=pa.float32())
+    arr = pa.FixedSizeListArray.from_arrays(flat, width)
+    if missing.any():
+        arr = pa.FixedSizeListArray.from_arrays(flat, width, mask=pa.array(missing))
+    return arr
+
+
+def make_shard_table(
+    source_id: np.ndarray,
+    release: str,
+    *,
+    obsid: np.ndarray | None = None,
+    lrs_flux: np.ndarray | None = None,
+    lrs_ivar: np.ndarray | None = None,
+    xp_flux: np.ndarray | None = None,
+    xp_flux_error: np.ndarray | None = None,
+    labels: dict[str, np.ndarray] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """Build a canonical shard table from numpy arrays.
+
+    Array inputs have shape (n, 1462) for LRS and (n, 343) for XP; a row of all-NaN marks a
+    missing spectrum (stored as null). ``labels`` maps e.g. ``teff``/``teff_err`` to (n,) arrays;
+    missing labels are NaN -> null. ``extra`` columns are carried through after the contract ones.
+    """
+    source_id = np.asarray(source_id, dtype=np.int64)
+    n = len(source_id)
+    labels = labels or {}
+    columns: dict[str, pa.Array] = {
+        "source_id": pa.array(source_id, type=pa.int64()),
+        "obsid": pa.nulls(n, type=pa.int64())
+        if obsid is None
+        else pa.array(np.asarray(obsid, dtype=np.int64), mask=np.asarray(obsid) < 0),
+        "release": pa.array([release] * n, type=pa.string()),
+        "lrs_flux": _fixed_list(lrs_flux, N_LRS, n),
+        "lrs_ivar": _fixed_list(lrs_ivar, N_LRS, n),
+        "xp_flux": _fixed_list(xp_flux, N_XP, n),
+        "xp_flux_error": _fixed_list(xp_flux_error, N_XP, n),
+    }
+    for field in SHARD_SCHEMA:
+        if field.name in columns:
+            continue
+        values = labels.get(field.name)
+        if values is None:
+            columns[field.name] = pa.nulls(n, type=pa.float32())
+        else:
+            v = np.asarray(values, dtype=np.float32)
+            columns[field.name] = pa.array(v, type=pa.float32(), mask=np.isnan(v))
+    table = pa.table(columns, schema=SHARD_SCHEMA)
+    for name, values in (extra or {}).items():
+        table = table.append_column(name, pa.array(values))
+    return table
+
+
+def validate_shard(table: pa.Table, where: str = "shard") -> pa.Table:
+    """Check a table against the canonical contract and cast it to the canonical types.
+
+    Raises InputError (one line, naming ``where``) for missing columns, wrong array widths or a
+    duplicate source_id. Extra columns are kept.
+    """
+    missing = [f.name for f in SHARD_SCHEMA if f.name not in table.column_names]
+    # labels and optional arrays may be absent from a user shard: add them as nulls
+    required = {"source_id", "release"}
+    if required & set(missing):
+        raise InputError(f"{where}: missing column(s) {', '.join(sorted(required & set(missing)))}")
+    n = table.num_rows
+    for name in missing:
+        table = table.append_column(SHARD_SCHEMA.field(name), pa.nulls(n, SHARD_SCHEMA.field(name).type))
+    for name, width in (("lrs_flux", N_LRS), ("lrs_ivar", N_LRS), ("xp_flux", N_XP), ("xp_flux_error", N_XP)):
+        col = table.column(name)
+        if pa.types.is_fixed_size_list(col.type):
+            if col.type.list_size != width:
+                raise InputError(f"{where}: column {name} has length {col.type.list_size}, expected {width}")
+        else:
+            lengths = pc.list_value_length(col).fill_null(width).to_numpy()
+            bad = np.flatnonzero(lengths != width)
+            if bad.size:
+                raise InputError(
+                    f"{where}: row {int(bad[0])}: {name} has length {int(lengths[bad[0]])}, expected {width}"
+                )
+    sid = table.column("source_id").to_numpy()
+    uniq, counts = np.unique(sid, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"{where}: duplicate source_id {int(uniq[counts > 1][0])}")
+    extras = [c for c in table.column_names if c not in SHARD_SCHEMA.names]
+    ordered = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    for name in extras:
+        ordered = ordered.append_column(table.schema.field(name), table.column(name))
+    return ordered
+
+
+def column_matrix(table: pa.Table, name: str) -> np.ndarray:
+    """FixedSizeList column -> (n, width) float32 array, null rows as NaN."""
+    col = table.column(name).combine_chunks()
+    width = col.type.list_size
+    n = len(col)
+    out = np.full((n, width), np.nan, dtype=np.float32)
+    valid = ~col.is_null().to_numpy(zero_copy_only=False)
+    if valid.any():
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        if len(flat) == n * width:  # nulls keep their slots in a fixed-size list
+            out[valid] = flat.reshape(n, width)[valid]
+        else:
+            out[valid] = flat.reshape(-1, width)
+    return out

@@ -1,0 +1,206 @@
+"""The store: one directory holding everything derived for one survey.
+
+Layout::
+
+    STORE/manifest.json
+    STORE/shards/release=DR1/part-00000.parquet      canonical rows
+    STORE/shards/release=DR1/rejects.parquet         rows that could not be used, with a reason
+    STORE/embeddings/release=DR1/modality=xp/...     (embed stage)
+    STORE/indexes/  STORE/scores/  STORE/reports/
+
+Every file is written to a temporary name in the same directory and renamed into place; the
+manifest is written last, so a killed run leaves either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from .errors import SpecsearchError
+from .schema import REJECTS_SCHEMA, SHARD_SCHEMA
+
+MANIFEST = "manifest.json"
+STORE_FORMAT = 1
+SUBDIRS = ("shards", "embeddings", "indexes", "scores", "reports")
+_RELEASE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_release(release: str) -> str:
+    """A release name is used as a partition directory: letters, digits, '_', '.', '-' only."""
+    if not release or not _RELEASE_RE.match(release):
+        raise SpecsearchError(f"release name {release!r} must be letters, digits, '_', '.' or '-'")
+    return release
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: Any) -> Path:
+    """Write a Parquet file atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
+    return Path(path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Store:
+    """A specsearch store rooted at ``root``. Creating one makes the layout if it is missing."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        self.root = Path(root)
+        if not (self.root / MANIFEST).exists():
+            if not create:
+                raise SpecsearchError(f"{self.root}: not a specsearch store (no {MANIFEST})")
+            for sub in SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.write_manifest(
+                {"format": STORE_FORMAT, "created": _now(), "releases": {}, "models": {}}
+            )
+
+    # --- manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise SpecsearchError(f"{self.manifest_path}: corrupt manifest ({err.msg})") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["updated"] = _now()
+        write_json_atomic(manifest, self.manifest_path)
+
+    def update_manifest(self, section: str, key: str, value: Any) -> None:
+        manifest = self.read_manifest()
+        manifest.setdefault(section, {})[key] = value
+        self.write_manifest(manifest)
+
+    # --- paths
+    def shard_dir(self, release: str) -> Path:
+        return self.root / "shards" / f"release={check_release(release)}"
+
+    def embedding_dir(self, release: str, modality: str) -> Path:
+        return self.root / "embeddings" / f"release={check_release(release)}" / f"modality={modality}"
+
+    def index_dir(self) -> Path:
+        return self.root / "indexes"
+
+    def releases(self) -> list[str]:
+        """Releases with ingested shards, in the order they were added."""
+        recorded = list(self.read_manifest().get("releases", {}))
+        return [r for r in recorded if self.shard_dir(r).exists()]
+
+    # --- shards
+    def write_release(
+        self,
+        release: str,
+        tables: list[pa.Table],
+        rejects: pa.Table | None = None,
+        sources: list[str] | None = None,
+        rows_per_file: int = 50_000,
+    ) -> dict[str, Any]:
+        """Write one release's canonical shards (replacing any earlier write of that release).
+
+        ``tables`` must already follow SHARD_SCHEMA. Returns the manifest entry for the release.
+        """
+        out_dir = self.shard_dir(release)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+        files = []
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+            part = table.slice(start, rows_per_file)
+            path = write_parquet_atomic(part, out_dir / f"part-{i:05d}.parquet", row_group_size=4096)
+            files.append(path)
+        keep = {p.name for p in files}
+        for old in out_dir.glob("part-*.parquet"):
+            if old.name not in keep:
+                old.unlink()
+        rejects = rejects if rejects is not None else REJECTS_SCHEMA.empty_table()
+        write_parquet_atomic(rejects, out_dir / "rejects.parquet")
+        entry = {
+            "rows": table.num_rows,
+            "rejects": rejects.num_rows,
+            "files": {p.name: file_sha256(p) for p in files},
+            "sources": sources or [],
+            "ingested": _now(),
+        }
+        self.update_manifest("releases", release, entry)
+        return entry
+
+    def shards(self, release: str | None = None, columns: list[str] | None = None) -> ds.Dataset:
+        """The canonical rows as an Arrow dataset (all releases, or one)."""
+        releases = [release] if release else self.releases()
+        if not releases:
+            raise SpecsearchError(f"{self.root}: the store has no ingested release")
+        paths = []
+        for rel in releases:
+            found = sorted(self.shard_dir(rel).glob("part-*.parquet"))
+            if not found:
+                raise SpecsearchError(f"{self.root}: release {rel} has no shards")
+            paths += [str(p) for p in found]
+        return ds.dataset(paths, format="parquet", schema=_shard_read_schema(paths[0]))
+
+    def rejects(self, release: str | None = None) -> pa.Table:
+        releases = [release] if release else self.releases()
+        tables = [
+            pq.read_table(self.shard_dir(r) / "rejects.parquet")
+            for r in releases
+            if (self.shard_dir(r) / "rejects.parquet").exists()
+        ]
+        return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+
+    def iter_shard_batches(
+        self, release: str | None = None, columns: list[str] | None = None, batch_size: int = 1024
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream canonical rows in record batches of at most ``batch_size`` rows."""
+        yield from self.shards(release).to_batches(columns=columns, batch_size=batch_size)
+
+
+def _shard_read_schema(path: str) -> pa.Schema:
+    # shards may carry extra columns; read with the first file's schema (contract columns first)
+    return pq.read_schema(path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

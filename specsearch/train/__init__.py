@@ -1,0 +1,1 @@
+"""The SpecCLIP training stages."""
