@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,7 +47,9 @@ def one_line_errors(func):
         except ModuleNotFoundError as err:
             if not (err.name or "").startswith("specsearch"):
                 raise
-            fail(f"'specsearch {func.__name__.replace('_', ' ')}' is not built yet ({err.name} missing)")
+            fail(
+                f"'specsearch {func.__name__.replace('_', ' ')}' is not built yet ({err.name} missing)"
+            )
         except FileNotFoundError as err:
             fail(f"{err.filename}: no such file or directory")
         except KeyboardInterrupt:
@@ -62,7 +64,7 @@ def not_built(command: str, issue: str) -> None:
 
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
-ReleaseOpt = Annotated[Optional[str], typer.Option("--release", help="Data-release name.")]
+ReleaseOpt = Annotated[str | None, typer.Option("--release", help="Data-release name.")]
 
 
 @app.command()
@@ -86,7 +88,9 @@ def simulate(
     """Write a synthetic paired LRS + XP release as canonical shards plus truth.parquet."""
     from specsearch.simulate import simulate_release
 
-    summary = simulate_release(out, n=n, seed=seed, release=release, anomaly_fraction=anomaly_fraction)
+    summary = simulate_release(
+        out, n=n, seed=seed, release=release, anomaly_fraction=anomaly_fraction
+    )
     typer.echo(summary)
 
 
@@ -112,12 +116,23 @@ def embed(
     model: Annotated[str, typer.Option(help="Model id.")] = "default",
     engine: Annotated[str, typer.Option(help="local or ray.")] = "local",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    ray_address: Annotated[Optional[str], typer.Option(help="Address of an existing Ray cluster.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Address of an existing Ray cluster.")
+    ] = None,
 ) -> None:
     """Embeddings, reconstructions and cross-predictions into Parquet."""
     from specsearch.embed import embed_store
 
-    typer.echo(embed_store(store, release=release, model=model, engine=engine, device=device, ray_address=ray_address))
+    typer.echo(
+        embed_store(
+            store,
+            release=release,
+            model=model,
+            engine=engine,
+            device=device,
+            ray_address=ray_address,
+        )
+    )
 
 
 @index_app.command("build")
@@ -131,28 +146,45 @@ def index_build(
     """Build FAISS indexes over the store's embeddings."""
     from specsearch.indexes import build_store_indexes
 
-    typer.echo(build_store_indexes(store, modality=modality, factory=factory, target_recall=target_recall))
+    typer.echo(
+        build_store_indexes(store, modality=modality, factory=factory, target_recall=target_recall)
+    )
 
 
 @app.command()
 @one_line_errors
 def search(
     store: StoreOpt,
-    source_id: Annotated[Optional[int], typer.Option("--source-id", help="Gaia source_id of the query.")] = None,
-    spectrum: Annotated[Optional[Path], typer.Option(help="A spectrum file as query.")] = None,
-    ids_file: Annotated[Optional[Path], typer.Option("--ids", help="File of source_ids (batch mode).")] = None,
+    source_id: Annotated[
+        int | None, typer.Option("--source-id", help="Gaia source_id of the query.")
+    ] = None,
+    spectrum: Annotated[Path | None, typer.Option(help="A spectrum file as query.")] = None,
+    ids_file: Annotated[
+        Path | None, typer.Option("--ids", help="File of source_ids (batch mode).")
+    ] = None,
     modality: Annotated[str, typer.Option(help="Modality of the query: lrs or xp.")] = "xp",
-    target: Annotated[Optional[str], typer.Option(help="Modality of the results (default: same).")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Modality of the results (default: same).")
+    ] = None,
     k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
     format: Annotated[str, typer.Option(help="table, json, csv or parquet.")] = "table",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write results here.")
+    ] = None,
 ) -> None:
     """The k nearest neighbours of a star, in-modal or cross-modal."""
     from specsearch.search import search_cli
 
     search_cli(
-        store, source_id=source_id, spectrum=spectrum, ids_file=ids_file, modality=modality,
-        target=target, k=k, fmt=format, output=output,
+        store,
+        source_id=source_id,
+        spectrum=spectrum,
+        ids_file=ids_file,
+        modality=modality,
+        target=target,
+        k=k,
+        fmt=format,
+        output=output,
     )
 
 
@@ -169,7 +201,7 @@ def report(
     store: StoreOpt,
     release: Annotated[str, typer.Option(help="Release to report on.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    since: Annotated[Optional[str], typer.Option(help="Only stars new since this release.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only stars new since this release.")] = None,
 ) -> None:
     """HTML report with plots plus Parquet/CSV of the top anomalies."""
     not_built("report", "anomaly report")
@@ -192,8 +224,12 @@ def sql(
     store: StoreOpt,
     query: Annotated[str, typer.Argument(help="A DuckDB SQL query.")],
     format: Annotated[str, typer.Option(help="table, csv, json or parquet.")] = "table",
-    attach: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH, a catalog as view NAME.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here.")] = None,
+    attach: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH, a catalog as view NAME.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write results here.")
+    ] = None,
 ) -> None:
     """DuckDB over the store."""
     from specsearch.sql import sql_cli
@@ -204,8 +240,8 @@ def sql(
 @app.command()
 @one_line_errors
 def predict(
-    file: Annotated[Optional[Path], typer.Argument(help="A spectrum file.")] = None,
-    store: Annotated[Optional[Path], typer.Option("--store", help="Store directory.")] = None,
+    file: Annotated[Path | None, typer.Argument(help="A spectrum file.")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Store directory.")] = None,
     release: ReleaseOpt = None,
     model: Annotated[str, typer.Option(help="Model id.")] = "default",
     format: Annotated[str, typer.Option(help="table, csv, json or parquet.")] = "table",
@@ -220,16 +256,21 @@ def predict(
 @one_line_errors
 def translate(
     to: Annotated[str, typer.Option("--to", help="Target modality: lrs or xp.")],
-    source_id: Annotated[Optional[int], typer.Option("--source-id")] = None,
-    spectrum: Annotated[Optional[Path], typer.Option(help="A spectrum file.")] = None,
-    store: Annotated[Optional[Path], typer.Option("--store", help="Store for --source-id.")] = None,
+    source_id: Annotated[int | None, typer.Option("--source-id")] = None,
+    spectrum: Annotated[Path | None, typer.Option(help="A spectrum file.")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Store for --source-id.")] = None,
     model: Annotated[str, typer.Option(help="Model id.")] = "default",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the prediction here (.parquet/.csv).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the prediction here (.parquet/.csv)."),
+    ] = None,
 ) -> None:
     """Cross-spectrum prediction: the XP spectrum of a star from its LRS, or the reverse."""
     from specsearch.predict import translate_cli
 
-    translate_cli(to=to, source_id=source_id, spectrum=spectrum, store=store, model=model, output=output)
+    translate_cli(
+        to=to, source_id=source_id, spectrum=spectrum, store=store, model=model, output=output
+    )
 
 
 @train_app.command("pretrain")
@@ -249,8 +290,18 @@ def train_pretrain(
     """Masked/auto-encoder pre-training of one modality's encoder."""
     from specsearch.train.pretrain import pretrain_cli
 
-    pretrain_cli(modality=modality, data=data, out=out, config=config, epochs=epochs,
-                 batch_size=batch_size, lr=lr, seed=seed, device=device, resume=resume)
+    pretrain_cli(
+        modality=modality,
+        data=data,
+        out=out,
+        config=config,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        resume=resume,
+    )
 
 
 @train_app.command("align")
@@ -272,9 +323,20 @@ def train_align(
     """CLIP alignment of the two encoders, with reconstruction and cross-prediction decoders."""
     from specsearch.train.align import align_cli
 
-    align_cli(data=data, lrs_encoder=lrs_encoder, xp_encoder=xp_encoder, out=out, variant=variant,
-              config=config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-              resume=resume)
+    align_cli(
+        data=data,
+        lrs_encoder=lrs_encoder,
+        xp_encoder=xp_encoder,
+        out=out,
+        variant=variant,
+        config=config,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        resume=resume,
+    )
 
 
 @train_app.command("finetune")
@@ -293,8 +355,17 @@ def train_finetune(
     """Label heads (teff, logg, fe_h, alpha_m with uncertainties) on the aligned embeddings."""
     from specsearch.train.finetune import finetune_cli
 
-    finetune_cli(model=model, data=data, out=out, modality=modality, epochs=epochs,
-                 batch_size=batch_size, lr=lr, seed=seed, device=device)
+    finetune_cli(
+        model=model,
+        data=data,
+        out=out,
+        modality=modality,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
 
 
 @models_app.command("list")

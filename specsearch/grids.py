@@ -156,7 +156,9 @@ def normalise_lrs(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.nd
     return (flux_c / cont).astype(np.float32), (ivar_c * cont**2).astype(np.float32)
 
 
-def lrs_model_input(flux: np.ndarray, ivar: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lrs_model_input(
+    flux: np.ndarray, ivar: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Z-score each continuum-normalised spectrum for the LRS encoder.
 
     Returns (z, stats): z of shape (n, 1462) float32 (bad pixels set to 0, the mean), and stats of

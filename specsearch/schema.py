@@ -125,12 +125,21 @@ def validate_shard(table: pa.Table, where: str = "shard") -> pa.Table:
         raise InputError(f"{where}: missing column(s) {', '.join(sorted(required & set(missing)))}")
     n = table.num_rows
     for name in missing:
-        table = table.append_column(SHARD_SCHEMA.field(name), pa.nulls(n, SHARD_SCHEMA.field(name).type))
-    for name, width in (("lrs_flux", N_LRS), ("lrs_ivar", N_LRS), ("xp_flux", N_XP), ("xp_flux_error", N_XP)):
+        table = table.append_column(
+            SHARD_SCHEMA.field(name), pa.nulls(n, SHARD_SCHEMA.field(name).type)
+        )
+    for name, width in (
+        ("lrs_flux", N_LRS),
+        ("lrs_ivar", N_LRS),
+        ("xp_flux", N_XP),
+        ("xp_flux_error", N_XP),
+    ):
         col = table.column(name)
         if pa.types.is_fixed_size_list(col.type):
             if col.type.list_size != width:
-                raise InputError(f"{where}: column {name} has length {col.type.list_size}, expected {width}")
+                raise InputError(
+                    f"{where}: column {name} has length {col.type.list_size}, expected {width}"
+                )
         else:
             lengths = pc.list_value_length(col).fill_null(width).to_numpy()
             bad = np.flatnonzero(lengths != width)

@@ -121,7 +121,9 @@ class Store:
         return self.root / "shards" / f"release={check_release(release)}"
 
     def embedding_dir(self, release: str, modality: str) -> Path:
-        return self.root / "embeddings" / f"release={check_release(release)}" / f"modality={modality}"
+        return (
+            self.root / "embeddings" / f"release={check_release(release)}" / f"modality={modality}"
+        )
 
     def index_dir(self) -> Path:
         return self.root / "indexes"
@@ -150,7 +152,9 @@ class Store:
         files = []
         for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
             part = table.slice(start, rows_per_file)
-            path = write_parquet_atomic(part, out_dir / f"part-{i:05d}.parquet", row_group_size=4096)
+            path = write_parquet_atomic(
+                part, out_dir / f"part-{i:05d}.parquet", row_group_size=4096
+            )
             files.append(path)
         keep = {p.name for p in files}
         for old in out_dir.glob("part-*.parquet"):

@@ -1,0 +1,295 @@
+"""The embed stage: canonical shards -> per-star embeddings, chi^2 and predicted labels (Parquet).
+
+Work is cut into chunks: a fixed range of rows of one shard file. Each chunk runs the encoders,
+decoders and label heads once, in one batched forward, and writes one Parquet file per modality::
+
+    STORE/embeddings/release=R/modality=lrs/part-<shard>-c<chunk>.parquet
+    STORE/embeddings/release=R/modality=xp/part-<shard>-c<chunk>.parquet
+
+A chunk's files carry the model id and the checksum of the shard they came from in their Parquet
+metadata, so a re-run skips every chunk already done with this model from the same shard: the
+stage is incremental (a second run adds nothing) and resumable (a killed run, started again,
+writes the remaining chunks and gives the same files as one clean run). The local engine and the
+Ray engine run the same chunk function, so they write the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import SpecsearchError
+from .residuals import chi2_per_pixel, xp_ivar
+from .schema import LABELS, column_matrix
+from .store import Store, write_parquet_atomic
+
+CHUNK_ROWS = 2048
+MODALITIES = ("lrs", "xp")
+_META_MODEL = b"specsearch.model_id"
+_META_SHARD = b"specsearch.shard_sha256"
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """Schema of the embedding files: one row per star and modality."""
+    fields = [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float16(), dim)),  # L2-normalised
+        pa.field("recon_chi2", pa.float32()),  # observed vs in-modal reconstruction
+        pa.field("cross_chi2", pa.float32()),  # observed vs prediction from the other modality
+        pa.field("n_good_pixels", pa.int32()),
+        pa.field("align_cos", pa.float32()),  # cos(z_lrs, z_xp) of the same star, where both exist
+    ]
+    for label in LABELS:
+        fields += [
+            pa.field(f"pred_{label}", pa.float32()),
+            pa.field(f"pred_{label}_err", pa.float32()),
+        ]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A fixed row range of one shard file of one release."""
+
+    release: str
+    shard_path: str
+    shard_sha256: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{Path(self.shard_path).stem.removeprefix('part-')}-c{self.start // CHUNK_ROWS:04d}.parquet"
+
+
+def plan_chunks(store: Store, release: str | None = None) -> list[Chunk]:
+    """Every chunk of the store's shards (all releases, or one), in a fixed order."""
+    manifest = store.read_manifest().get("releases", {})
+    releases = [release] if release else store.releases()
+    if release and release not in manifest:
+        raise SpecsearchError(f"{store.root}: release {release} is not in the store")
+    chunks = []
+    for rel in releases:
+        checksums = manifest[rel]["files"]
+        for name in sorted(checksums):
+            path = store.shard_dir(rel) / name
+            n_rows = pq.ParquetFile(path).metadata.num_rows
+            for start in range(0, n_rows, CHUNK_ROWS):
+                chunks.append(
+                    Chunk(rel, str(path), checksums[name], start, min(start + CHUNK_ROWS, n_rows))
+                )
+    return chunks
+
+
+def chunk_outputs(store: Store, chunk: Chunk) -> dict[str, Path]:
+    return {m: store.embedding_dir(chunk.release, m) / chunk.name for m in MODALITIES}
+
+
+def chunk_is_done(store: Store, chunk: Chunk, model_id: str) -> bool:
+    """True when both modality files of the chunk exist, from this model and this shard."""
+    for path in chunk_outputs(store, chunk).values():
+        if not path.exists():
+            return False
+        meta = pq.read_schema(path).metadata or {}
+        if (
+            meta.get(_META_MODEL) != model_id.encode()
+            or meta.get(_META_SHARD) != chunk.shard_sha256.encode()
+        ):
+            return False
+    return True
+
+
+def _read_chunk(chunk: Chunk) -> pa.Table:
+    columns = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
+    table = pq.read_table(chunk.shard_path, columns=columns)
+    return table.slice(chunk.start, chunk.stop - chunk.start)
+
+
+def _modality_rows(
+    modality: str,
+    source_id: np.ndarray,
+    present: np.ndarray,
+    out: dict[str, Any],
+    observed: dict[str, np.ndarray],
+    align_cos: np.ndarray,
+    model_id: str,
+) -> pa.Table:
+    """Rows of one modality's embedding file for the stars where that modality is present."""
+    other = "xp" if modality == "lrs" else "lrs"
+    idx = np.flatnonzero(present[modality])
+    embedding = out[f"{modality}_embedding"][idx]
+    dim = embedding.shape[1]
+    flux, ivar = observed[f"{modality}_flux"][idx], observed[f"{modality}_ivar"][idx]
+    recon_chi2, n_good = chi2_per_pixel(flux, ivar, out[f"{modality}_recon"][idx])
+    cross = out.get(f"{modality}_from_{other}")
+    cross_chi2 = np.full(len(idx), np.nan, dtype=np.float32)
+    both = present[other][idx]
+    if cross is not None and both.any():
+        cross_chi2[both] = chi2_per_pixel(flux[both], ivar[both], cross[idx][both])[0]
+    columns: dict[str, Any] = {
+        "source_id": pa.array(source_id[idx], pa.int64()),
+        "modality": pa.array([modality] * len(idx), pa.string()),
+        "model_id": pa.array([model_id] * len(idx), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(embedding.astype(np.float16).ravel(), pa.float16()), dim
+        ),
+        "recon_chi2": pa.array(recon_chi2, pa.float32(), mask=np.isnan(recon_chi2)),
+        "cross_chi2": pa.array(cross_chi2, pa.float32(), mask=np.isnan(cross_chi2)),
+        "n_good_pixels": pa.array(n_good, pa.int32()),
+        "align_cos": pa.array(align_cos[idx], pa.float32(), mask=np.isnan(align_cos[idx])),
+    }
+    labels = out[f"{modality}_labels"]
+    for label in LABELS:
+        mean = np.asarray(labels[label][idx], dtype=np.float32)
+        sigma = np.asarray(labels[f"{label}_err"][idx], dtype=np.float32)
+        columns[f"pred_{label}"] = pa.array(mean, pa.float32())
+        columns[f"pred_{label}_err"] = pa.array(sigma, pa.float32())
+    return pa.table(columns, schema=embedding_schema(dim))
+
+
+def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> dict[str, int]:
+    """Run the model over one chunk and write its files atomically. Returns rows per modality."""
+    store = Store(store_root, create=False)
+    table = _read_chunk(chunk)
+    source_id = table.column("source_id").to_numpy()
+    lrs_flux, lrs_ivar = column_matrix(table, "lrs_flux"), column_matrix(table, "lrs_ivar")
+    xp_flux, xp_err = column_matrix(table, "xp_flux"), column_matrix(table, "xp_flux_error")
+    present = {
+        "lrs": ~table.column("lrs_flux").is_null().to_numpy(zero_copy_only=False),
+        "xp": ~table.column("xp_flux").is_null().to_numpy(zero_copy_only=False),
+    }
+    out = runner.run_batch(
+        lrs_flux=lrs_flux, lrs_ivar=lrs_ivar, xp_flux=xp_flux, xp_flux_error=xp_err
+    )
+    both = present["lrs"] & present["xp"]
+    align_cos = np.full(len(source_id), np.nan, dtype=np.float32)
+    if both.any():
+        align_cos[both] = np.sum(out["lrs_embedding"][both] * out["xp_embedding"][both], axis=1)
+    observed = {
+        "lrs_flux": lrs_flux,
+        "lrs_ivar": lrs_ivar,
+        "xp_flux": xp_flux,
+        "xp_ivar": xp_ivar(xp_err),
+    }
+    counts = {}
+    metadata = {_META_MODEL: model_id.encode(), _META_SHARD: chunk.shard_sha256.encode()}
+    for modality, path in chunk_outputs(store, chunk).items():
+        rows = _modality_rows(modality, source_id, present, out, observed, align_cos, model_id)
+        rows = rows.replace_schema_metadata(metadata)
+        write_parquet_atomic(rows, path)
+        counts[modality] = rows.num_rows
+    return counts
+
+
+def _load_runner(model: str, device: str) -> tuple[Any, str]:
+    from .inference import SpecCLIPRunner
+
+    runner = SpecCLIPRunner(model, device=device)
+    return runner, runner.model_id
+
+
+def embed_store(
+    store: str | os.PathLike,
+    release: str | None = None,
+    model: str = "default",
+    engine: str = "local",
+    device: str = "auto",
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Embed every chunk of the store's shards not yet embedded with ``model``. One-line summary."""
+    if engine not in ("local", "ray"):
+        raise SpecsearchError(f"--engine must be local or ray, not {engine!r}")
+    st = Store(store, create=False)
+    runner, model_id = _load_runner(model, device)
+    recorded = st.read_manifest().get("embeddings_model")
+    if recorded and recorded != model_id:
+        raise SpecsearchError(
+            f"{st.root}: embedded with model {recorded}; use --model {recorded} or a new store for {model_id}"
+        )
+    chunks = plan_chunks(st, release)
+    todo = [c for c in chunks if not chunk_is_done(st, c, model_id)]
+    if not todo:
+        return f"embed: nothing to do ({len(chunks)} chunks already embedded with {model_id})"
+    if engine == "ray":
+        from .embed_ray import embed_chunks_ray
+
+        counts = embed_chunks_ray(str(st.root), todo, model, device, ray_address)
+    else:
+        counts = _embed_chunks_local(st, todo, runner, model_id, progress)
+    _record(st, model_id)
+    return (
+        f"embed: {counts['lrs']} LRS and {counts['xp']} XP spectra embedded with {model_id} "
+        f"in {len(todo)} chunks ({len(chunks) - len(todo)} already done)"
+    )
+
+
+def _embed_chunks_local(
+    st: Store, todo: list[Chunk], runner: Any, model_id: str, progress: bool
+) -> dict[str, int]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = {"lrs": 0, "xp": 0}
+    columns = [
+        TextColumn("embed"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} stars"),
+        TextColumn("{task.fields[rate]:.0f} stars/s"),
+        TimeRemainingColumn(),
+    ]
+    n_rows = sum(c.stop - c.start for c in todo)
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("embed", total=n_rows, rate=0.0)
+        for chunk in todo:
+            counts = embed_chunk(str(st.root), chunk, runner, model_id)
+            for m in total:
+                total[m] += counts[m]
+            bar.advance(task, chunk.stop - chunk.start)
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, rate=bar.tasks[0].completed / elapsed)
+    return total
+
+
+def _record(st: Store, model_id: str) -> None:
+    manifest = st.read_manifest()
+    manifest["embeddings_model"] = model_id
+    rows: dict[str, dict[str, int]] = {}
+    for rel in st.releases():
+        rows[rel] = {}
+        for m in MODALITIES:
+            files = sorted(st.embedding_dir(rel, m).glob("part-*.parquet"))
+            rows[rel][m] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    manifest["embeddings"] = rows
+    st.write_manifest(manifest)
+
+
+def read_embeddings(
+    store: str | os.PathLike,
+    modality: str,
+    release: str | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """All embedding rows of one modality (all releases or one) as one Arrow table."""
+    st = Store(store, create=False)
+    releases = [release] if release else st.releases()
+    files = [
+        f
+        for rel in releases
+        for f in sorted(st.embedding_dir(rel, modality).glob("part-*.parquet"))
+    ]
+    if not files:
+        raise SpecsearchError(f"{st.root}: no {modality} embeddings; run 'specsearch embed' first")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The embedding column as an (n, d) float32 array."""
+    return column_matrix(table, "embedding")
