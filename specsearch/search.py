@@ -1,0 +1,216 @@
+"""Similarity search: the k nearest stars to a query, in the same modality or across modalities.
+
+A query is a star already in the store (its embedding is read back from the embedding Parquet),
+a spectrum file (read by the same readers as ``ingest`` and encoded by the model), or a file of
+source_ids (batch mode). The query's modality and the results' modality (``target``) may differ:
+the two encoders share one aligned space, so an LRS query finds XP neighbours and the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from .errors import SpecsearchError
+from .output import emit_table
+from .schema import LABELS, column_matrix
+from .store import Store
+
+MODALITIES = ("lrs", "xp")
+NEIGHBOUR_COLUMNS = ["obsid", "release", *LABELS]
+
+
+def _check_modality(name: str, value: str) -> str:
+    if value not in MODALITIES:
+        raise SpecsearchError(f"--{name} must be lrs or xp, not {value!r}")
+    return value
+
+
+def _embedding_dataset(st: Store, modality: str) -> ds.Dataset:
+    files = [
+        str(f)
+        for rel in st.releases()
+        for f in sorted(st.embedding_dir(rel, modality).glob("part-*.parquet"))
+    ]
+    if not files:
+        raise SpecsearchError(f"{st.root}: no {modality} embeddings (run 'specsearch embed')")
+    return ds.dataset(files, format="parquet")
+
+
+def embeddings_for_ids(
+    st: Store, modality: str, source_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored embeddings of ``source_ids`` in ``modality``: (found ids (m,), vectors (m, d))."""
+    table = _embedding_dataset(st, modality).to_table(
+        columns=["source_id", "embedding"],
+        filter=pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64))),
+    )
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    # one row per id: the latest release wins when a star was embedded twice
+    ids = table.column("source_id").to_numpy()
+    _, last = np.unique(ids[::-1], return_index=True)
+    keep = len(ids) - 1 - last  # aligned with the sorted unique ids
+    return ids[keep], column_matrix(table.take(keep), "embedding")
+
+
+def encode_spectrum_file(
+    path: Path, modality: str, model: str = "default"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a spectrum file with the ingest readers and encode it: (source_ids (n,), vectors (n, d))."""
+    from .inference import SpecCLIPRunner
+    from .ingest import read_source
+
+    table = read_source(path)
+    present = ~table.column(f"{modality}_flux").is_null().to_numpy(zero_copy_only=False)
+    if not present.any():
+        raise SpecsearchError(
+            f"{path}: holds no {modality} spectrum (try --modality {'xp' if modality == 'lrs' else 'lrs'})"
+        )
+    table = table.filter(pa.array(present))
+    runner = SpecCLIPRunner(model)
+    if modality == "lrs":
+        vectors = runner.encode_lrs(
+            column_matrix(table, "lrs_flux"), column_matrix(table, "lrs_ivar")
+        )
+    else:
+        vectors = runner.encode_xp(
+            column_matrix(table, "xp_flux"), column_matrix(table, "xp_flux_error")
+        )
+    return table.column("source_id").to_numpy(), np.asarray(vectors, dtype=np.float32)
+
+
+def search_vectors(
+    st: Store, vectors: np.ndarray, target: str, k: int, exclude_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest stored stars of ``target`` modality for each query vector: (similarity, ids), (q, k).
+
+    ``exclude_ids`` (q,): a star is not its own neighbour (queries from the store).
+    """
+    from .indexes import load_index
+
+    index, _ = load_index(st.index_dir(), target)
+    extra = 1 if exclude_ids is not None else 0
+    sims, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k + extra)
+    if exclude_ids is None:
+        return sims[:, :k], ids[:, :k]
+    out_sims = np.full((len(ids), k), np.nan, dtype=np.float32)
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    for row, self_id in enumerate(exclude_ids):  # per query, k+1 items: not a hot loop
+        keep = ids[row] != self_id
+        out_sims[row] = sims[row][keep][:k]
+        out_ids[row] = ids[row][keep][:k]
+    return out_sims, out_ids
+
+
+def neighbour_catalog(st: Store, ids: np.ndarray) -> pa.Table:
+    """Catalog columns (obsid, release, reference labels) of the given stars from the shards."""
+    wanted = np.unique(ids[ids >= 0])
+    table = st.shards().to_table(
+        columns=["source_id", *NEIGHBOUR_COLUMNS],
+        filter=pc.field("source_id").isin(pa.array(wanted)),
+    )
+    return table
+
+
+def search(
+    store: str | os.PathLike,
+    source_ids: np.ndarray | None = None,
+    spectrum: Path | None = None,
+    modality: str = "xp",
+    target: str | None = None,
+    k: int = 10,
+    model: str = "default",
+) -> pa.Table:
+    """Nearest neighbours as a table: query_id, rank, neighbor_id, similarity + catalog columns."""
+    _check_modality("modality", modality)
+    target = _check_modality("target", target or modality)
+    if k < 1:
+        raise SpecsearchError(f"-k must be at least 1, not {k}")
+    st = Store(store, create=False)
+    if (source_ids is None) == (spectrum is None):
+        raise SpecsearchError("give exactly one of --source-id, --ids or --spectrum")
+    if spectrum is not None:
+        query_ids, vectors = encode_spectrum_file(Path(spectrum), modality, model)
+        exclude = None
+    else:
+        wanted = np.asarray(source_ids, dtype=np.int64)
+        query_ids, vectors = embeddings_for_ids(st, modality, wanted)
+        missing = np.setdiff1d(wanted, query_ids)
+        if missing.size:
+            raise SpecsearchError(
+                f"source_id {int(missing[0])} has no {modality} embedding in {st.root}"
+            )
+        order = np.searchsorted(query_ids, wanted)  # query_ids is sorted (np.unique)
+        query_ids, vectors = query_ids[order], vectors[order]
+        exclude = query_ids if target == modality else None
+    sims, ids = search_vectors(st, vectors, target, k, exclude)
+    q = len(query_ids)
+    result = pa.table(
+        {
+            "query_id": np.repeat(query_ids, k),
+            "query_modality": [modality] * (q * k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), q),
+            "neighbor_id": ids.ravel(),
+            "target_modality": [target] * (q * k),
+            "similarity": sims.ravel().astype(np.float32),
+        }
+    )
+    result = result.filter(pc.greater_equal(result.column("neighbor_id"), 0))
+    catalog = neighbour_catalog(st, ids.ravel())
+    joined = result.join(
+        catalog, keys="neighbor_id", right_keys="source_id", join_type="left outer"
+    )
+    return joined.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def read_id_file(path: Path) -> np.ndarray:
+    """source_ids from a text file (one per line, '#' comments) or a Parquet/CSV with source_id."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecsearchError(f"{path}: no such file")
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path, columns=["source_id"]).column("source_id").to_numpy()
+        lines = [ln.split(",")[0].strip() for ln in path.read_text().splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#") and ln != "source_id"]
+        return np.array([int(ln) for ln in lines], dtype=np.int64)
+    except (ValueError, KeyError, pa.ArrowInvalid) as err:
+        raise SpecsearchError(
+            f"{path}: not a list of source_ids ({str(err).splitlines()[0]})"
+        ) from None
+
+
+def search_cli(
+    store: Path,
+    source_id: int | None,
+    spectrum: Path | None,
+    ids_file: Path | None,
+    modality: str,
+    target: str | None,
+    k: int,
+    fmt: str,
+    output: Path | None,
+    model: str = "default",
+) -> None:
+    if sum(x is not None for x in (source_id, spectrum, ids_file)) != 1:
+        raise SpecsearchError("give exactly one of --source-id, --ids or --spectrum")
+    start = time.perf_counter()
+    ids = None
+    if source_id is not None:
+        ids = np.array([source_id], dtype=np.int64)
+    elif ids_file is not None:
+        ids = read_id_file(ids_file)
+    table = search(
+        store, source_ids=ids, spectrum=spectrum, modality=modality, target=target, k=k, model=model
+    )
+    elapsed = time.perf_counter() - start
+    title = f"{k} nearest {target or modality.upper()} neighbours ({modality} query) in {elapsed * 1000:.0f} ms"
+    emit_table(table, fmt, output, title=title)

@@ -1,0 +1,129 @@
+"""Training data: canonical shards -> model-input tensors, with the split rule applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import torch
+
+from ..errors import SpecsearchError
+from ..grids import lrs_model_input, xp_model_input
+from ..schema import LABELS, column_matrix
+from ..splits import select_split
+
+
+def shard_files(paths: list[Path]) -> list[str]:
+    """Parquet shard files under each path (a file, a folder of shards, or a store)."""
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(str(path))
+            continue
+        if not path.exists():
+            raise SpecsearchError(f"{path}: no such file or directory")
+        root = path / "shards" if (path / "manifest.json").exists() else path
+        found = sorted(p for p in root.rglob("part-*.parquet"))
+        if not found:
+            raise SpecsearchError(f"{path}: holds no canonical shards (part-*.parquet)")
+        files += [str(p) for p in found]
+    return files
+
+
+def load_table(paths: list[Path], split: str, columns: list[str]) -> pa.Table:
+    """Rows of ``split`` (exact source_id rule) from the shards under ``paths``."""
+    table = ds.dataset(shard_files(paths), format="parquet").to_table(
+        columns=["source_id", *columns]
+    )
+    keep = select_split(table.column("source_id").to_numpy(), split)
+    return table.filter(pa.array(keep))
+
+
+@dataclass
+class SpectraArrays:
+    """Model inputs for n stars; a missing modality is flagged in ``has_lrs`` / ``has_xp``."""
+
+    source_id: np.ndarray
+    lrs_z: np.ndarray  # (n, 1462) z-scored continuum-normalised flux
+    lrs_stats: np.ndarray  # (n, 2) [mean, log10 std]
+    lrs_ivar: np.ndarray  # (n, 1462) inverse variance of the z values
+    xp_x: np.ndarray  # (n, 343) flux / norm
+    xp_stats: np.ndarray  # (n, 1) log10 norm
+    labels: np.ndarray  # (n, 4) teff, logg, fe_h, alpha_m; NaN unknown
+    has_lrs: np.ndarray
+    has_xp: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source_id)
+
+    def subset(self, mask: np.ndarray) -> SpectraArrays:
+        return SpectraArrays(**{k: v[mask] for k, v in self.__dict__.items()})
+
+    def tensors(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(getattr(self, n))) for n in names]
+
+
+def arrays_from_table(table: pa.Table) -> SpectraArrays:
+    """Canonical rows -> model inputs (see `specsearch.grids.lrs_model_input` / `xp_model_input`)."""
+    n = table.num_rows
+    names = table.column_names
+    lrs_flux = (
+        column_matrix(table, "lrs_flux")
+        if "lrs_flux" in names
+        else np.full((n, 1462), np.nan, np.float32)
+    )
+    lrs_ivar = (
+        column_matrix(table, "lrs_ivar") if "lrs_ivar" in names else np.zeros((n, 1462), np.float32)
+    )
+    xp_flux = (
+        column_matrix(table, "xp_flux")
+        if "xp_flux" in names
+        else np.full((n, 343), np.nan, np.float32)
+    )
+    has_lrs = np.isfinite(lrs_flux).any(axis=1)
+    has_xp = np.isfinite(xp_flux).any(axis=1)
+    lrs_ivar = np.where(np.isfinite(lrs_ivar) & has_lrs[:, None], lrs_ivar, 0.0)
+    lrs_z, lrs_stats = lrs_model_input(np.nan_to_num(lrs_flux), lrs_ivar)
+    std = 10.0 ** lrs_stats[:, 1:2]
+    xp_x, xp_stats = xp_model_input(np.where(has_xp[:, None], xp_flux, 1.0))
+    labels = np.stack(
+        [
+            table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
+            if label in names
+            else np.full(n, np.nan, np.float32)
+            for label in LABELS
+        ],
+        axis=1,
+    )
+    return SpectraArrays(
+        source_id=table.column("source_id").to_numpy(),
+        lrs_z=lrs_z,
+        lrs_stats=lrs_stats,
+        lrs_ivar=(lrs_ivar * std**2).astype(np.float32),
+        xp_x=xp_x,
+        xp_stats=xp_stats,
+        labels=labels,
+        has_lrs=has_lrs,
+        has_xp=has_xp,
+    )
+
+
+def load_arrays(
+    paths: list[Path], split: str = "train", require: tuple[str, ...] = ()
+) -> SpectraArrays:
+    """Model inputs of ``split`` from the shards under ``paths``; keep rows with every ``require``d modality."""
+    columns = ["lrs_flux", "lrs_ivar", "xp_flux", *LABELS]
+    arrays = arrays_from_table(load_table(paths, split, columns))
+    keep = np.ones(len(arrays), dtype=bool)
+    if "lrs" in require:
+        keep &= arrays.has_lrs
+    if "xp" in require:
+        keep &= arrays.has_xp
+    if not keep.any():
+        raise SpecsearchError(
+            f"no {split} rows with {' and '.join(require) or 'data'} under {', '.join(map(str, paths))}"
+        )
+    return arrays.subset(keep)

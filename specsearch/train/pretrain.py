@@ -1,0 +1,94 @@
+"""Stage 1: pre-train one modality's encoder on single spectra (no pairs needed).
+
+- ``lrs``: SpecFormer, masked-chunk token regression on z-scored LRS spectra.
+- ``xp``: the OAE autoencoder, MSE on [mean, std, z, log norm] of the normalised XP spectrum.
+- ``xp-transformer``: the XP masked transformer (released, not used by the default model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from ..errors import SpecsearchError
+from ..models.factory import build_model, save_model
+from .data import load_arrays
+from .loop import TrainConfig, Trainer
+
+INPUTS = {
+    "lrs": ("lrs_z", "lrs_stats", "lrs_ivar"),
+    "xp": ("xp_x", "xp_stats"),
+    "xp-transformer": ("xp_x", "xp_stats"),
+}
+KINDS = {"lrs": "specformer", "xp": "xp_oae", "xp-transformer": "xp_transformer"}
+
+
+def _loss(modality: str):
+    if modality == "lrs":
+        return lambda model, batch: model.masked_loss(
+            batch[0], batch[1], batch[2] if model.config.ivar_channel else None
+        )
+    if modality == "xp":
+        return lambda model, batch: model.reconstruction_loss(batch[0], batch[1])
+    return lambda model, batch: model.masked_loss(batch[0], batch[1])
+
+
+def pretrain(
+    modality: str,
+    data: list[Path],
+    out: Path,
+    config: str = "small",
+    cfg: TrainConfig | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    log=print,
+) -> dict:
+    """Pre-train the ``modality`` encoder on the train split of ``data``; writes ``out`` (and ``out/best``)."""
+    if modality not in KINDS:
+        raise SpecsearchError(f"--modality must be one of {', '.join(KINDS)}, not {modality!r}")
+    cfg = cfg or TrainConfig()
+    require = ("lrs",) if modality == "lrs" else ("xp",)
+    train = load_arrays(data, "train", require)
+    val = load_arrays(data, "val", require)
+    log(f"pretrain {modality}: {len(train)} train, {len(val)} val spectra")
+    model = build_model(KINDS[modality], config)
+    names = INPUTS[modality]
+    card = {
+        "stage": "pretrain",
+        "modality": modality,
+        "data": [str(p) for p in data],
+        "n_train": len(train),
+        "n_val": len(val),
+    }
+    trainer = Trainer(
+        model,
+        _loss(modality),
+        lambda m, d, c: save_model(m, d, {**card, **c}),
+        out,
+        cfg,
+        device,
+        log,
+    )
+    return trainer.fit(train.tensors(names), val.tensors(names), resume=resume)
+
+
+def pretrain_cli(
+    modality: str,
+    data: list[Path],
+    out: Path,
+    config: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    resume: bool,
+) -> None:
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=0.1)
+    np.random.seed(seed)
+    result = pretrain(modality, data, out, config, cfg, device, resume, log=typer.echo)
+    typer.echo(
+        f"pretrain {modality}: best loss {result['best']:.4g} after {result['epochs']} epochs -> {out}"
+    )
