@@ -67,11 +67,17 @@ def resample_lrs(
     with np.errstate(divide="ignore", invalid="ignore"):
         loglam = np.log10(wave_b.astype(np.float64))
     # one searchsorted for the whole batch: offset each row so rows never interleave
+    # a non-finite wavelength marks its pixel bad and must not break the sort order
+    bad_wave = ~np.isfinite(loglam)
+    if bad_wave.any():
+        ivar_b = np.where(bad_wave, 0.0, ivar_b)
+        loglam = np.fmax.accumulate(np.where(bad_wave, -np.inf, loglam), axis=1)
+        loglam = np.where(np.isfinite(loglam), loglam, 0.0)
     offset = 10.0 * np.arange(n)[:, None]
-    flat = np.where(np.isfinite(loglam), loglam, 0.0) + offset
+    flat = loglam + offset
     right = np.searchsorted(flat.ravel(), (LRS_LOGLAM[None, :] + offset).ravel())
     right = right.reshape(n, N_LRS) - m * np.arange(n)[:, None]  # (n, N_LRS)
-    inside = (right > 0) & (right < m)
+    inside = (right < m) & (LRS_LOGLAM[None, :] >= loglam[:, :1])
     right = np.clip(right, 1, m - 1)
     left = right - 1
     rows = np.arange(n)[:, None]

@@ -50,7 +50,11 @@ TRUTH_SCHEMA = pa.schema(
 
 
 def _fixed_list(values: np.ndarray | None, width: int, n: int) -> pa.Array:
-    """(n, width) float array with NaN rows meaning missing -> FixedSizeList<float32> with nulls."""
+    """(n, width) float array with NaN rows meaning missing -> FixedSizeList<float32> with nulls.
+
+    A NaN pixel in an otherwise valid row is stored as 0: the caller must already have given it
+    ivar 0 (or an infinite error), as every reader does.
+    """
     list_type = pa.list_(pa.float32(), width)
     if values is None:
         return pa.nulls(n, type=list_type)
@@ -112,7 +116,7 @@ def make_shard_table(
     return table
 
 
-def validate_shard(table: pa.Table, where: str = "shard") -> pa.Table:
+def validate_shard(table: pa.Table, where: str = "shard", check_unique: bool = True) -> pa.Table:
     """Check a table against the canonical contract and cast it to the canonical types.
 
     Raises InputError (one line, naming ``where``) for missing columns, wrong array widths or a
@@ -147,9 +151,11 @@ def validate_shard(table: pa.Table, where: str = "shard") -> pa.Table:
                 raise InputError(
                     f"{where}: row {int(bad[0])}: {name} has length {int(lengths[bad[0]])}, expected {width}"
                 )
+    if table.column("source_id").null_count:
+        raise InputError(f"{where}: {table.column('source_id').null_count} row(s) without a source_id")
     sid = table.column("source_id").to_numpy()
     uniq, counts = np.unique(sid, return_counts=True)
-    if (counts > 1).any():
+    if check_unique and (counts > 1).any():
         raise InputError(f"{where}: duplicate source_id {int(uniq[counts > 1][0])}")
     extras = [c for c in table.column_names if c not in SHARD_SCHEMA.names]
     ordered = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)

@@ -53,6 +53,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; store files follow the umask
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -70,7 +73,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: Any) -> Path:
 
 def write_json_atomic(obj: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)
 
 
@@ -130,7 +133,7 @@ class Store:
 
     def releases(self) -> list[str]:
         """Releases with ingested shards, in the order they were added."""
-        recorded = list(self.read_manifest().get("releases", {}))
+        recorded = list(self.read_manifest().get("releases", {}))  # JSON objects keep insertion order
         return [r for r in recorded if self.shard_dir(r).exists()]
 
     # --- shards
@@ -172,18 +175,28 @@ class Store:
         self.update_manifest("releases", release, entry)
         return entry
 
-    def shards(self, release: str | None = None, columns: list[str] | None = None) -> ds.Dataset:
-        """The canonical rows as an Arrow dataset (all releases, or one)."""
+    def shard_files(self, release: str | None = None) -> list[Path]:
+        """The shard files the manifest lists (all releases, or one): never a stray or stale file."""
         releases = [release] if release else self.releases()
         if not releases:
             raise SpecsearchError(f"{self.root}: the store has no ingested release")
+        entries = self.read_manifest().get("releases", {})
         paths = []
         for rel in releases:
-            found = sorted(self.shard_dir(rel).glob("part-*.parquet"))
-            if not found:
-                raise SpecsearchError(f"{self.root}: release {rel} has no shards")
-            paths += [str(p) for p in found]
-        return ds.dataset(paths, format="parquet", schema=_shard_read_schema(paths[0]))
+            if rel not in entries:
+                raise SpecsearchError(f"{self.root}: release {rel} is not in the store")
+            found = [self.shard_dir(rel) / name for name in sorted(entries[rel]["files"])]
+            missing = [p.name for p in found if not p.exists()]
+            if not found or missing:
+                what = f"shard {missing[0]} is missing" if missing else "has no shards"
+                raise SpecsearchError(f"{self.root}: release {rel} {what} (re-run ingest)")
+            paths += found
+        return paths
+
+    def shards(self, release: str | None = None) -> ds.Dataset:
+        """The canonical rows as an Arrow dataset (all releases, or one)."""
+        paths = [str(p) for p in self.shard_files(release)]
+        return ds.dataset(paths, format="parquet", schema=pq.read_schema(paths[0]))
 
     def rejects(self, release: str | None = None) -> pa.Table:
         releases = [release] if release else self.releases()
@@ -199,11 +212,6 @@ class Store:
     ) -> Iterator[pa.RecordBatch]:
         """Stream canonical rows in record batches of at most ``batch_size`` rows."""
         yield from self.shards(release).to_batches(columns=columns, batch_size=batch_size)
-
-
-def _shard_read_schema(path: str) -> pa.Schema:
-    # shards may carry extra columns; read with the first file's schema (contract columns first)
-    return pq.read_schema(path)
 
 
 def _now() -> str:

@@ -1,0 +1,320 @@
+"""Canonical shards (Parquet) as an ingest source, plus the row checks every reader shares.
+
+A canonical shard follows ``specsearch.schema.SHARD_SCHEMA``. Shards written by other tools may
+use variable-length lists instead of fixed-size ones, lack the label columns, or carry extra
+columns; all of that is accepted. What is checked, row by row (vectorised over a batch):
+
+- ``source_id`` null -> the row is rejected;
+- an array of the wrong length, a flux without its ivar/error (or the reverse) -> that modality
+  is dropped from the row;
+- LRS pixels with NaN/inf flux or negative/non-finite ivar -> ivar 0 (flux 0); fewer than
+  ``MIN_LRS_GOOD_FRACTION`` good pixels -> the LRS is dropped;
+- XP pixels with non-finite flux, or an error that is not finite and positive -> the XP is
+  dropped (the XP grid has no per-pixel mask, so a partial XP spectrum is not usable).
+
+A row that keeps one modality after a drop stays in the output and the drop is written to the
+rejects table ("... (LRS dropped, row kept)"); a row that keeps none is rejected. Rows are never
+dropped silently.
+
+File-level problems (not Parquet, a missing ``source_id`` column, a column whose type cannot
+be cast to the contract's) are a rejects row for the file with ``on_error="reject"`` (the default)
+or an ``InputError`` naming the file with ``on_error="raise"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from ..grids import N_LRS, N_XP, clean_flux_ivar
+from ..schema import LABELS, REJECTS_SCHEMA, SHARD_SCHEMA, make_shard_table, validate_shard
+
+# An LRS spectrum needs at least this fraction of the 1462 canonical pixels with ivar > 0.
+MIN_LRS_GOOD_FRACTION = 0.5
+
+# Internal provenance columns a reader adds with ``provenance=True`` (ingest strips them).
+FILE_COLUMN = "_file"
+ROW_COLUMN = "_row"
+PROVENANCE_COLUMNS = (FILE_COLUMN, ROW_COLUMN)
+
+_PARQUET_MAGIC = b"PAR1"
+_LABEL_COLUMNS = tuple(name for label in LABELS for name in (label, f"{label}_err"))
+
+
+def rejects_table(release: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Build a REJECTS_SCHEMA table from dicts with keys file, row, source_id, obsid, reason.
+
+    Missing keys are null; ``release`` is filled in for every row.
+    """
+    rows = [
+        {
+            "release": release,
+            "file": r.get("file"),
+            "row": r.get("row"),
+            "source_id": r.get("source_id"),
+            "obsid": r.get("obsid"),
+            "reason": r["reason"],
+        }
+        for r in records
+    ]
+    return (
+        pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA) if rows else REJECTS_SCHEMA.empty_table()
+    )
+
+
+def _is_parquet(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _PARQUET_MAGIC
+    except OSError:
+        return False
+
+
+def looks_like_shards(path: str | os.PathLike) -> bool:
+    """True for a Parquet file with a ``source_id`` column and at least one spectrum column
+    (``lrs_flux``, ``lrs_ivar``, ``xp_flux``, ``xp_flux_error``), or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        return any(looks_like_shards(p) for p in sorted(path.rglob("*.parquet")))
+    if not _is_parquet(path):
+        return False
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException):
+        return False
+    return "source_id" in names and bool(
+        names & {"lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"}
+    )
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a shard source: the file itself, or a folder's ``*.parquet``, sorted."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    return [path]
+
+
+def read_shards(
+    path: str | os.PathLike,
+    release: str,
+    batch_size: int = 4096,
+    *,
+    on_error: str = "reject",
+    provenance: bool = False,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Read canonical shards (a Parquet file or a folder of them) in batches.
+
+    Yields ``(shards, rejects)`` per batch of at most ``batch_size`` input rows: ``shards``
+    follows SHARD_SCHEMA (extra input columns carried after it), with ``release`` set to
+    ``release``; ``rejects`` follows REJECTS_SCHEMA. With ``provenance=True`` the shards carry
+    ``_file`` (str) and ``_row`` (int64, 0-based row in that file) for the ingest bookkeeping.
+    ``on_error``: "reject" turns an unreadable file into a rejects row, "raise" into InputError.
+    """
+    if on_error not in ("reject", "raise"):
+        raise ValueError(f"on_error must be 'reject' or 'raise', not {on_error!r}")
+    for file in shard_files(path):
+        row = 0
+        try:
+            if not looks_like_shards(file):
+                raise InputError(
+                    f"{file}: not a canonical shard (Parquet with source_id and spectra)"
+                )
+            parquet = pq.ParquetFile(file)
+            for batch in parquet.iter_batches(batch_size=batch_size):
+                table = pa.Table.from_batches([batch])
+                yield check_shard_rows(table, release, str(file), row, provenance=provenance)
+                row += table.num_rows
+        except (InputError, OSError, pa.ArrowException) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if not message.startswith(str(file)):
+                message = f"{file}: {message}"
+            if on_error == "raise":
+                raise InputError(message) from None
+            where = f"unreadable from row {row}: " if row else ""
+            reason = where + message.removeprefix(f"{file}: ")
+            yield (
+                SHARD_SCHEMA.empty_table(),
+                rejects_table(
+                    release, [{"file": str(file), "row": row if row else None, "reason": reason}]
+                ),
+            )
+
+
+def array_column(
+    table: pa.Table, name: str, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list column as a dense matrix.
+
+    Returns ``(values, present, length)``: values (n, width) float32 with NaN where the row is
+    null or has the wrong length (null elements inside a list are NaN too), present (n,) bool
+    (the row is not null), length (n,) int64 (-1 for a null row). A missing column is all null.
+    """
+    n = table.num_rows
+    values = np.full((n, width), np.nan, dtype=np.float32)
+    if name not in table.column_names:
+        return values, np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64)
+    col = table.column(name)
+    col = col.combine_chunks() if col.num_chunks else pa.array([], type=col.type)
+    try:
+        col = col.cast(pa.large_list(pa.float32()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise InputError(f"column {name} ({col.type}) is not a list of numbers: {err}") from None
+    present = col.is_valid().to_numpy(zero_copy_only=False)
+    offsets = col.offsets.to_numpy()
+    length = np.where(present, np.diff(offsets), -1).astype(np.int64)
+    ok = present & (length == width)
+    if ok.any():
+        flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        values[ok] = flat[offsets[:-1][ok, None] + np.arange(width)]
+    return values, present, length
+
+
+def _number_column(table: pa.Table, name: str, dtype: type, fill: float | int) -> np.ndarray:
+    """A scalar column as numpy with nulls (or an absent column) replaced by ``fill``."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, fill, dtype=dtype)
+    col = table.column(name)
+    try:
+        col = col.cast(pa.int64() if dtype is np.int64 else pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise InputError(f"column {name} ({col.type}) is not numeric: {err}") from None
+    return col.fill_null(fill).to_numpy().astype(dtype)
+
+
+def _modality_problems(
+    flux_name: str,
+    flux: tuple[np.ndarray, np.ndarray, np.ndarray],
+    err_name: str,
+    err: tuple[np.ndarray, np.ndarray, np.ndarray],
+    width: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shape checks shared by both modalities: (attempted (n,), reason (n,) object, '' = fine)."""
+    (_, f_present, f_len), (_, e_present, e_len) = flux, err
+    n = len(f_present)
+    reason = np.full(n, "", dtype=object)
+    for name, present, length in ((flux_name, f_present, f_len), (err_name, e_present, e_len)):
+        wrong = present & (length != width) & (reason == "")
+        reason[wrong] = [f"{name} has length {k}, expected {width}" for k in length[wrong]]
+    lone_flux = f_present & ~e_present & (reason == "")
+    reason[lone_flux] = f"{flux_name} without {err_name}"
+    lone_err = e_present & ~f_present & (reason == "")
+    reason[lone_err] = f"{err_name} without {flux_name}"
+    return f_present | e_present, reason
+
+
+def check_shard_rows(
+    table: pa.Table,
+    release: str,
+    file: str,
+    first_row: int = 0,
+    *,
+    provenance: bool = False,
+) -> tuple[pa.Table, pa.Table]:
+    """Check one batch of shard rows and return ``(shards, rejects)`` (see the module doc).
+
+    Raises InputError (naming ``file``) when the columns themselves break the contract.
+    """
+    n = table.num_rows
+    # column-level contract (required columns, fixed-size widths, castable types) on the schema
+    # alone: row-level problems are handled below so that a bad row does not fail the file
+    header = table.slice(0, 0)
+    if "release" in header.column_names:
+        header = header.drop_columns(["release"])
+    header = header.append_column("release", pa.array([], type=pa.string()))
+    try:
+        validate_shard(header, where=file)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        raise InputError(f"{file}: {str(err).splitlines()[0]}") from None
+    try:
+        lrs_flux = array_column(table, "lrs_flux", N_LRS)
+        lrs_ivar = array_column(table, "lrs_ivar", N_LRS)
+        xp_flux = array_column(table, "xp_flux", N_XP)
+        xp_error = array_column(table, "xp_flux_error", N_XP)
+        obsid = _number_column(table, "obsid", np.int64, -1)
+        labels = {name: _number_column(table, name, np.float64, np.nan) for name in _LABEL_COLUMNS}
+    except InputError as err:
+        raise InputError(f"{file}: {err}") from None
+    sid_col = table.column("source_id")
+    sid_valid = sid_col.is_valid().to_numpy(zero_copy_only=False)
+    source_id = _number_column(table, "source_id", np.int64, 0)
+
+    # --- LRS: shape, then pixel quality
+    lrs_tried, lrs_reason = _modality_problems("lrs_flux", lrs_flux, "lrs_ivar", lrs_ivar, N_LRS)
+    flux, ivar = clean_flux_ivar(lrs_flux[0], lrs_ivar[0])
+    good_fraction = (ivar > 0).mean(axis=1) if n else np.zeros(0)
+    low = lrs_tried & (lrs_reason == "") & (good_fraction < MIN_LRS_GOOD_FRACTION)
+    nonfinite = (~np.isfinite(lrs_flux[0])).sum(axis=1)
+    lrs_reason[low] = [
+        f"lrs: only {100 * g:.0f}% good pixels ({k} NaN/inf flux), needs >= "
+        f"{100 * MIN_LRS_GOOD_FRACTION:.0f}%"
+        for g, k in zip(good_fraction[low], nonfinite[low], strict=True)
+    ]
+    keep_lrs = lrs_tried & (lrs_reason == "")
+
+    # --- XP: shape, then every pixel must be usable
+    xp_tried, xp_reason = _modality_problems("xp_flux", xp_flux, "xp_flux_error", xp_error, N_XP)
+    bad_pixels = (~np.isfinite(xp_flux[0]) | ~np.isfinite(xp_error[0]) | ~(xp_error[0] > 0)).sum(
+        axis=1
+    )
+    unusable = xp_tried & (xp_reason == "") & (bad_pixels > 0)
+    xp_reason[unusable] = [
+        f"xp: {k} pixels with non-finite flux or non-positive error" for k in bad_pixels[unusable]
+    ]
+    keep_xp = xp_tried & (xp_reason == "")
+
+    keep = sid_valid & (keep_lrs | keep_xp)
+    reason = np.full(n, "", dtype=object)
+    for tried, why, name in ((lrs_tried, lrs_reason, "LRS"), (xp_tried, xp_reason, "XP")):
+        dropped = tried & (why != "")
+        suffix = np.where(keep[dropped], f" ({name} dropped, row kept)", "")
+        reason[dropped] = [
+            f"{r}; {w}{s}" if r else f"{w}{s}"
+            for r, w, s in zip(reason[dropped], why[dropped], suffix, strict=True)
+        ]
+    reason[~(lrs_tried | xp_tried)] = "no LRS or XP spectrum"
+    reason[~sid_valid] = "source_id is null"
+    bad_rows = np.flatnonzero(reason != "")
+    rejects = rejects_table(
+        release,
+        [
+            {
+                "file": file,
+                "row": first_row + int(i),
+                "source_id": int(source_id[i]) if sid_valid[i] else None,
+                "obsid": int(obsid[i]) if obsid[i] >= 0 else None,
+                "reason": reason[i],
+            }
+            for i in bad_rows
+        ],
+    )
+
+    def kept(values: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        return np.where(modality[:, None], values, np.nan)[keep]
+
+    shards = make_shard_table(
+        source_id[keep],
+        release,
+        obsid=obsid[keep],
+        lrs_flux=kept(flux.astype(np.float32), keep_lrs),
+        lrs_ivar=kept(ivar.astype(np.float32), keep_lrs),
+        xp_flux=kept(xp_flux[0], keep_xp),
+        xp_flux_error=kept(xp_error[0], keep_xp),
+        labels={name: values[keep] for name, values in labels.items()},
+    )
+    mask = pa.array(keep)
+    for name in table.column_names:
+        if name not in SHARD_SCHEMA.names and name not in PROVENANCE_COLUMNS:
+            shards = shards.append_column(table.schema.field(name), table.column(name).filter(mask))
+    if provenance:
+        rows = first_row + np.flatnonzero(keep)
+        shards = shards.append_column(FILE_COLUMN, pa.array([file] * len(rows), type=pa.string()))
+        shards = shards.append_column(ROW_COLUMN, pa.array(rows, type=pa.int64()))
+    return shards, rejects
