@@ -332,19 +332,18 @@ def _tidy_rejects(rejects: list[pa.Table], release: str, names: dict[str, str]) 
     return table.take(order)
 
 
-def ingest(
+def read_source(
     source: str | os.PathLike,
-    store: str | os.PathLike | Store,
-    release: str,
+    release: str = "QUERY",
     *,
     batch_size: int = 256,
     rows_per_batch: int = 4096,
-    progress: bool = True,
-) -> str:
-    """Ingest ``source`` (a file or a folder) as release ``release`` of ``store``.
+    progress: bool = False,
+) -> tuple[pa.Table, pa.Table, list[str]]:
+    """Read a file or folder into merged canonical rows without writing anything.
 
-    batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables.
-    Returns a one-line summary. Raises InputError for a bad single file or an empty release.
+    Returns (rows sorted by source_id, rejects, the detected format of each file). Raises
+    InputError for a bad single file or when no usable spectrum is left.
     """
     check_release(release)
     source = Path(source)
@@ -355,10 +354,8 @@ def ingest(
     if not files:
         raise InputError(f"{source}: empty folder, nothing to ingest")
     names = {str(f): (f.name if single else f.relative_to(source).as_posix()) for f in files}
-    store = store if isinstance(store, Store) else Store(store)
 
-    tables = [_conform(SHARD_SCHEMA.empty_table(), release, "")]  # concat needs one table
-    rejects = []
+    tables, rejects = [], []
     with _progress(progress) as bar:
         task = bar.add_task("scanning", total=len(files))
         formats = []
@@ -392,13 +389,35 @@ def ingest(
         raise InputError(
             f"{source}: no usable spectra for release {release} ({rejected.num_rows} rejected{first})"
         )
+    return merged, rejected, formats
+
+
+def ingest(
+    source: str | os.PathLike,
+    store: str | os.PathLike | Store,
+    release: str,
+    *,
+    batch_size: int = 256,
+    rows_per_batch: int = 4096,
+    progress: bool = True,
+) -> str:
+    """Ingest ``source`` (a file or a folder) as release ``release`` of ``store`` (see read_source).
+
+    batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables.
+    Returns a one-line summary. Raises InputError for a bad single file or an empty release.
+    """
+    source = Path(source)
+    merged, rejected, formats = read_source(
+        source, release, batch_size=batch_size, rows_per_batch=rows_per_batch, progress=progress
+    )
+    store = store if isinstance(store, Store) else Store(store)
     store.write_release(release, [merged], rejects=rejected, sources=[str(source.resolve())])
     has_lrs = merged.column("lrs_flux").is_valid().to_numpy(zero_copy_only=False)
     has_xp = merged.column("xp_flux").is_valid().to_numpy(zero_copy_only=False)
     skipped = sum(kind == "side_table" for kind in formats)
     return (
         f"ingested {release}: {merged.num_rows} stars ({int(has_lrs.sum())} LRS, {int(has_xp.sum())} XP, "
-        f"{int((has_lrs & has_xp).sum())} both) from {len(files) - skipped} files, "
+        f"{int((has_lrs & has_xp).sum())} both) from {len(formats) - skipped} files, "
         f"{rejected.num_rows} rejected"
         + (f", {skipped} side tables skipped" if skipped else "")
         + f" -> {store.shard_dir(release)}"
