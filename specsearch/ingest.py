@@ -355,7 +355,8 @@ def read_source(
         raise InputError(f"{source}: empty folder, nothing to ingest")
     names = {str(f): (f.name if single else f.relative_to(source).as_posix()) for f in files}
 
-    tables, rejects = [], []
+    tables = [_conform(SHARD_SCHEMA.empty_table(), release, "")]  # concat needs one table
+    rejects = []
     with _progress(progress) as bar:
         task = bar.add_task("scanning", total=len(files))
         formats = []
