@@ -67,10 +67,12 @@ class Chunk:
 
     @property
     def name(self) -> str:
-        return f"part-{Path(self.shard_path).stem.removeprefix('part-')}-c{self.start // CHUNK_ROWS:04d}.parquet"
+        return f"part-{Path(self.shard_path).stem.removeprefix('part-')}-r{self.start:08d}.parquet"
 
 
-def plan_chunks(store: Store, release: str | None = None) -> list[Chunk]:
+def plan_chunks(
+    store: Store, release: str | None = None, chunk_rows: int = CHUNK_ROWS
+) -> list[Chunk]:
     """Every chunk of the store's shards (all releases, or one), in a fixed order."""
     manifest = store.read_manifest().get("releases", {})
     releases = [release] if release else store.releases()
@@ -82,9 +84,9 @@ def plan_chunks(store: Store, release: str | None = None) -> list[Chunk]:
         for name in sorted(checksums):
             path = store.shard_dir(rel) / name
             n_rows = pq.ParquetFile(path).metadata.num_rows
-            for start in range(0, n_rows, CHUNK_ROWS):
+            for start in range(0, n_rows, chunk_rows):
                 chunks.append(
-                    Chunk(rel, str(path), checksums[name], start, min(start + CHUNK_ROWS, n_rows))
+                    Chunk(rel, str(path), checksums[name], start, min(start + chunk_rows, n_rows))
                 )
     return chunks
 
@@ -162,17 +164,26 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
     source_id = table.column("source_id").to_numpy()
     lrs_flux, lrs_ivar = column_matrix(table, "lrs_flux"), column_matrix(table, "lrs_ivar")
     xp_flux, xp_err = column_matrix(table, "xp_flux"), column_matrix(table, "xp_flux_error")
-    present = {
-        "lrs": ~table.column("lrs_flux").is_null().to_numpy(zero_copy_only=False),
-        "xp": ~table.column("xp_flux").is_null().to_numpy(zero_copy_only=False),
-    }
     out = runner.run_batch(
-        lrs_flux=lrs_flux, lrs_ivar=lrs_ivar, xp_flux=xp_flux, xp_flux_error=xp_err
+        lrs_flux=lrs_flux,
+        lrs_ivar=lrs_ivar,
+        xp_flux=xp_flux,
+        xp_flux_error=xp_err,
+        outputs=[
+            "lrs_embedding",
+            "xp_embedding",
+            "lrs_recon",
+            "xp_recon",
+            "lrs_from_xp",
+            "xp_from_lrs",
+            "align_cos",
+            "lrs_labels",
+            "xp_labels",
+        ],
     )
-    both = present["lrs"] & present["xp"]
-    align_cos = np.full(len(source_id), np.nan, dtype=np.float32)
-    if both.any():
-        align_cos[both] = np.sum(out["lrs_embedding"][both] * out["xp_embedding"][both], axis=1)
+    # a modality is present where the runner could use it (a row of nulls or no good pixel is not)
+    present = {"lrs": out["has_lrs"], "xp": out["has_xp"]}
+    align_cos = out["align_cos"]
     observed = {
         "lrs_flux": lrs_flux,
         "lrs_ivar": lrs_ivar,
@@ -189,11 +200,10 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
     return counts
 
 
-def _load_runner(model: str, device: str) -> tuple[Any, str]:
+def _load_runner(model: str, device: str) -> Any:
     from .inference import SpecCLIPRunner
 
-    runner = SpecCLIPRunner(model, device=device)
-    return runner, runner.model_id
+    return SpecCLIPRunner(model, device=device)
 
 
 def embed_store(
@@ -204,19 +214,26 @@ def embed_store(
     device: str = "auto",
     ray_address: str | None = None,
     progress: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
+    max_chunks: int | None = None,
 ) -> str:
-    """Embed every chunk of the store's shards not yet embedded with ``model``. One-line summary."""
+    """Embed every chunk of the store's shards not yet embedded with ``model``. One-line summary.
+
+    ``model``: a model id or directory. ``chunk_rows``: rows per chunk (and per output file).
+    ``max_chunks``: stop after this many chunks (what a killed run leaves behind; for tests).
+    """
     if engine not in ("local", "ray"):
         raise SpecsearchError(f"--engine must be local or ray, not {engine!r}")
     st = Store(store, create=False)
-    runner, model_id = _load_runner(model, device)
+    runner = _load_runner(model, device)
+    model_id = runner.model_id
     recorded = st.read_manifest().get("embeddings_model")
     if recorded and recorded != model_id:
         raise SpecsearchError(
             f"{st.root}: embedded with model {recorded}; use --model {recorded} or a new store for {model_id}"
         )
-    chunks = plan_chunks(st, release)
-    todo = [c for c in chunks if not chunk_is_done(st, c, model_id)]
+    chunks = plan_chunks(st, release, chunk_rows)
+    todo = [c for c in chunks if not chunk_is_done(st, c, model_id)][:max_chunks]
     if not todo:
         return f"embed: nothing to do ({len(chunks)} chunks already embedded with {model_id})"
     if engine == "ray":

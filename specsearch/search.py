@@ -68,7 +68,7 @@ def encode_spectrum_file(
     from .inference import SpecCLIPRunner
     from .ingest import read_source
 
-    table = read_source(path)
+    table = read_source(path)[0]
     present = ~table.column(f"{modality}_flux").is_null().to_numpy(zero_copy_only=False)
     if not present.any():
         raise SpecsearchError(

@@ -11,7 +11,8 @@ import pyarrow.dataset as ds
 import torch
 
 from ..errors import SpecsearchError
-from ..grids import lrs_model_input, xp_model_input
+from ..grids import N_LRS, N_XP
+from ..inference import lrs_inputs, xp_inputs
 from ..schema import LABELS, column_matrix
 from ..splits import select_split
 
@@ -49,7 +50,7 @@ class SpectraArrays:
     source_id: np.ndarray
     lrs_z: np.ndarray  # (n, 1462) z-scored continuum-normalised flux
     lrs_stats: np.ndarray  # (n, 2) [mean, log10 std]
-    lrs_ivar: np.ndarray  # (n, 1462) inverse variance of the z values
+    lrs_ivar: np.ndarray  # (n, 1462) inverse variance of the continuum-normalised flux
     xp_x: np.ndarray  # (n, 343) flux / norm
     xp_stats: np.ndarray  # (n, 1) log10 norm
     labels: np.ndarray  # (n, 4) teff, logg, fe_h, alpha_m; NaN unknown
@@ -67,28 +68,25 @@ class SpectraArrays:
 
 
 def arrays_from_table(table: pa.Table) -> SpectraArrays:
-    """Canonical rows -> model inputs (see `specsearch.grids.lrs_model_input` / `xp_model_input`)."""
+    """Canonical rows -> model inputs, prepared exactly as `specsearch.inference` prepares them."""
     n = table.num_rows
     names = table.column_names
     lrs_flux = (
         column_matrix(table, "lrs_flux")
         if "lrs_flux" in names
-        else np.full((n, 1462), np.nan, np.float32)
+        else np.full((n, N_LRS), np.nan, np.float32)
     )
     lrs_ivar = (
-        column_matrix(table, "lrs_ivar") if "lrs_ivar" in names else np.zeros((n, 1462), np.float32)
+        column_matrix(table, "lrs_ivar")
+        if "lrs_ivar" in names
+        else np.zeros((n, N_LRS), np.float32)
     )
     xp_flux = (
         column_matrix(table, "xp_flux")
         if "xp_flux" in names
-        else np.full((n, 343), np.nan, np.float32)
+        else np.full((n, N_XP), np.nan, np.float32)
     )
-    has_lrs = np.isfinite(lrs_flux).any(axis=1)
-    has_xp = np.isfinite(xp_flux).any(axis=1)
-    lrs_ivar = np.where(np.isfinite(lrs_ivar) & has_lrs[:, None], lrs_ivar, 0.0)
-    lrs_z, lrs_stats = lrs_model_input(np.nan_to_num(lrs_flux), lrs_ivar)
-    std = 10.0 ** lrs_stats[:, 1:2]
-    xp_x, xp_stats = xp_model_input(np.where(has_xp[:, None], xp_flux, 1.0))
+    lrs, xp = lrs_inputs(lrs_flux, lrs_ivar), xp_inputs(xp_flux)
     labels = np.stack(
         [
             table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
@@ -100,14 +98,14 @@ def arrays_from_table(table: pa.Table) -> SpectraArrays:
     )
     return SpectraArrays(
         source_id=table.column("source_id").to_numpy(),
-        lrs_z=lrs_z,
-        lrs_stats=lrs_stats,
-        lrs_ivar=(lrs_ivar * std**2).astype(np.float32),
-        xp_x=xp_x,
-        xp_stats=xp_stats,
+        lrs_z=lrs["z"],
+        lrs_stats=lrs["stats"],
+        lrs_ivar=lrs["ivar"],
+        xp_x=xp["x"],
+        xp_stats=xp["stats"],
         labels=labels,
-        has_lrs=has_lrs,
-        has_xp=has_xp,
+        has_lrs=lrs["present"],
+        has_xp=xp["present"],
     )
 
 

@@ -1,0 +1,414 @@
+"""Batched inference with a trained SpecCLIP model: the API every later stage calls.
+
+    runner = SpecCLIPRunner("default", device="auto")
+    out = runner.run_batch(lrs_flux=..., lrs_ivar=..., xp_flux=..., xp_flux_error=...)
+
+Inputs are the canonical shard arrays (`specsearch.schema`): ``lrs_flux`` (n, 1462)
+continuum-normalised with ``lrs_ivar`` (0 = bad pixel), ``xp_flux`` / ``xp_flux_error`` (n, 343)
+in W m^-2 nm^-1. A star whose row is all NaN (or whose LRS has no good pixel, or whose XP has no
+positive flux over 500-600 nm) lacks that modality: its outputs for it are NaN rows.
+Preprocessing is `specsearch.grids.lrs_model_input` / `xp_model_input`.
+
+Outputs, all float32 numpy, in canonical units (see `run_batch`):
+- embeddings: L2-normalised vectors in the shared CLIP space (the shared part for ``split``);
+  cosine similarity = dot product, comparable across modalities;
+- in-modal reconstructions and cross-modal predictions (``pr`` and ``split`` models): LRS as
+  continuum-normalised flux, XP in W m^-2 nm^-1 (the XP decoders predict flux / norm; the norm is
+  the star's own observed XP norm, since an LRS alone does not tell the absolute flux);
+- stellar labels with 1-sigma uncertainties (models with fitted label heads).
+Every output is always returned; arrays a model cannot make (no decoders, unfitted label heads)
+are NaN.
+
+The XP flux error is accepted for symmetry but not used by the current models.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import SpecsearchError
+from .grids import N_LRS, N_XP, lrs_model_input, xp_model_input, xp_norm
+from .models.clip import SpecCLIPModel
+from .models.factory import load_model
+from .models.registry import resolve_model
+
+# each modality's outputs, its embedding first
+LRS_OUTPUTS = ("lrs_embedding", "lrs_recon", "xp_from_lrs", "xp_from_lrs_normalised")
+XP_OUTPUTS = ("xp_embedding", "xp_recon", "lrs_from_xp")
+OUTPUTS = (
+    "has_lrs",
+    "has_xp",
+    *LRS_OUTPUTS,
+    *XP_OUTPUTS,
+    "align_cos",
+    "lrs_labels",
+    "xp_labels",
+    "labels",
+)
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """The torch device for "auto", "cpu" or "cuda"; "auto" is CUDA when available, else CPU.
+
+    On CPU torch uses every core this process may use.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecsearchError("device 'cuda' requested but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise SpecsearchError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores or 1))
+    return torch.device(device)
+
+
+def _matrix(values, width: int, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != width:
+        raise SpecsearchError(f"{name} has shape {array.shape}, expected (n, {width})")
+    return array
+
+
+def lrs_inputs(lrs_flux, lrs_ivar=None) -> dict[str, np.ndarray]:
+    """Canonical LRS arrays -> model inputs {z, stats, ivar (of the flux), present}, batched."""
+    flux = _matrix(lrs_flux, N_LRS, "lrs_flux")
+    finite = np.isfinite(flux)
+    if lrs_ivar is None:
+        ivar = finite.astype(np.float32)
+    else:
+        ivar = _matrix(lrs_ivar, N_LRS, "lrs_ivar")
+        if ivar.shape != flux.shape:
+            raise SpecsearchError(f"lrs_ivar has shape {ivar.shape} but lrs_flux {flux.shape}")
+        with np.errstate(invalid="ignore"):
+            ivar = np.where(finite & np.isfinite(ivar) & (ivar > 0), ivar, 0.0).astype(np.float32)
+    z, stats = lrs_model_input(np.where(finite, flux, 0.0), ivar)
+    return {"z": z, "stats": stats, "ivar": ivar, "present": (ivar > 0).any(axis=1)}
+
+
+def xp_inputs(xp_flux) -> dict[str, np.ndarray]:
+    """Canonical XP flux -> model inputs {x, stats, norm, present}, batched."""
+    flux = _matrix(xp_flux, N_XP, "xp_flux")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN row
+        norm = xp_norm(flux)
+        x, stats = xp_model_input(flux)
+    present = np.isfinite(norm)
+    return {"x": x, "stats": stats, "norm": norm.astype(np.float32), "present": present}
+
+
+class SpecCLIPRunner:
+    """A loaded SpecCLIP model that maps batches of spectra to embeddings, spectra and labels.
+
+    model: a model id ("default", shipped or user-installed), a model directory, or a
+    SpecCLIPModel in memory. device: "auto", "cpu" or "cuda" (bf16 autocast on CUDA).
+    batch_size: stars per forward pass (default 256 on CPU, 2048 on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | SpecCLIPModel = "default",
+        device: str = "auto",
+        batch_size: int | None = None,
+    ):
+        self.device = choose_device(device)
+        if isinstance(model, SpecCLIPModel):
+            self.model, self.model_id = model, "in-memory"
+        else:
+            directory = resolve_model(model)
+            loaded = load_model(directory)
+            if not isinstance(loaded, SpecCLIPModel):
+                raise SpecsearchError(
+                    f"{directory}: a {loaded.kind} model, not an aligned SpecCLIP model"
+                )
+            self.model, self.model_id = loaded, directory.name
+        self.model.to(self.device).eval()
+        self.autocast = self.device.type == "cuda"
+        self.batch_size = int(batch_size or (2048 if self.autocast else 256))
+        if self.batch_size < 1:
+            raise SpecsearchError("batch_size must be at least 1")
+
+    # --- what the model offers ----------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def variant(self) -> str:
+        return self.model.variant
+
+    @property
+    def has_decoders(self) -> bool:
+        return self.model.has_decoders
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.model.config.labels.labels)
+
+    @property
+    def labels_fitted(self) -> bool:
+        return self.model.labels_fitted
+
+    def output_names(self) -> list[str]:
+        """The keys `run_batch` returns (all of them, always; NaN where not available)."""
+        return list(OUTPUTS)
+
+    # --- the one batched forward --------------------------------------------------------------
+
+    def run_batch(
+        self,
+        lrs_flux: np.ndarray | None = None,
+        lrs_ivar: np.ndarray | None = None,
+        xp_flux: np.ndarray | None = None,
+        xp_flux_error: np.ndarray | None = None,
+        outputs: Iterable[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Everything the model can say about n stars, one forward pass per batch of stars.
+
+        Every key is returned (``outputs`` restricts them); a row is NaN where the star lacks the
+        needed modality, and a whole array is NaN where the model cannot make it (no decoders in
+        a ``base`` model, label heads not fitted):
+        - has_lrs, has_xp (n,) bool: which stars have each modality;
+        - lrs_embedding, xp_embedding (n, d) float32, L2-normalised;
+        - align_cos (n,): cosine between a star's two embeddings;
+        - lrs_recon (n, 1462): continuum-normalised flux, the in-modal reconstruction
+          un-z-scored with the star's own mean and std;
+        - lrs_from_xp (n, 1462): continuum-normalised flux predicted from the XP spectrum;
+        - xp_recon (n, 343): W m^-2 nm^-1;
+        - xp_from_lrs (n, 343): W m^-2 nm^-1, the prediction from the LRS scaled by the star's
+          observed XP norm (NaN where the star has no XP);
+        - xp_from_lrs_normalised (n, 343): the same prediction as flux / norm (unit mean flux
+          over 500-600 nm), for every star with an LRS;
+        - lrs_labels, xp_labels: {label: (n,), label_err: (n,)} for teff, logg, fe_h, alpha_m,
+          mean and 1-sigma from each modality's head; labels: their inverse-variance combination.
+        """
+        lrs = None if lrs_flux is None else lrs_inputs(lrs_flux, lrs_ivar)
+        xp = None if xp_flux is None else xp_inputs(xp_flux)
+        if lrs is None and xp is None:
+            raise SpecsearchError("run_batch needs lrs_flux or xp_flux")
+        n = len((lrs or xp)["present"])
+        if lrs is not None and xp is not None and len(xp["present"]) != n:
+            raise SpecsearchError(f"lrs_flux has {n} rows but xp_flux has {len(xp['present'])}")
+        wanted = set(OUTPUTS) if outputs is None else set(outputs)
+        unknown = wanted - set(OUTPUTS)
+        if unknown:
+            raise SpecsearchError(
+                f"unknown output(s) {', '.join(sorted(unknown))}; see SpecCLIPRunner.output_names()"
+            )
+        out = self._allocate(n, wanted)
+        out["has_lrs"] = np.zeros(n, bool) if lrs is None else lrs["present"]
+        out["has_xp"] = np.zeros(n, bool) if xp is None else xp["present"]
+        for start in range(0, n, self.batch_size):
+            rows = np.arange(start, min(start + self.batch_size, n))
+            self._forward_rows(rows, lrs, xp, out)
+        self._combine(out)
+        return {k: v for k, v in out.items() if k in wanted or k in ("has_lrs", "has_xp")}
+
+    # --- convenience views on run_batch -------------------------------------------------------
+
+    def encode_lrs(self, lrs_flux: np.ndarray, lrs_ivar: np.ndarray | None = None) -> np.ndarray:
+        """(n, 1462) continuum-normalised flux (+ ivar) -> (n, d) L2-normalised float32."""
+        return self.run_batch(lrs_flux=lrs_flux, lrs_ivar=lrs_ivar, outputs=["lrs_embedding"])[
+            "lrs_embedding"
+        ]
+
+    def encode_xp(self, xp_flux: np.ndarray, xp_flux_error: np.ndarray | None = None) -> np.ndarray:
+        """(n, 343) W m^-2 nm^-1 -> (n, d) L2-normalised float32."""
+        return self.run_batch(
+            xp_flux=xp_flux, xp_flux_error=xp_flux_error, outputs=["xp_embedding"]
+        )["xp_embedding"]
+
+    def reconstruct_lrs(
+        self, lrs_flux: np.ndarray, lrs_ivar: np.ndarray | None = None
+    ) -> np.ndarray:
+        """In-modal reconstruction, (n, 1462) continuum-normalised flux."""
+        self._need_decoders()
+        return self.run_batch(lrs_flux=lrs_flux, lrs_ivar=lrs_ivar, outputs=["lrs_recon"])[
+            "lrs_recon"
+        ]
+
+    def reconstruct_xp(
+        self, xp_flux: np.ndarray, xp_flux_error: np.ndarray | None = None
+    ) -> np.ndarray:
+        """In-modal reconstruction, (n, 343) W m^-2 nm^-1."""
+        self._need_decoders()
+        return self.run_batch(xp_flux=xp_flux, xp_flux_error=xp_flux_error, outputs=["xp_recon"])[
+            "xp_recon"
+        ]
+
+    def translate(
+        self,
+        to: str,
+        lrs_flux: np.ndarray | None = None,
+        lrs_ivar: np.ndarray | None = None,
+        xp_flux: np.ndarray | None = None,
+        xp_flux_error: np.ndarray | None = None,
+        normalised: bool = False,
+    ) -> np.ndarray:
+        """Cross-spectrum prediction.
+
+        to="lrs": from xp_flux, (n, 1462) continuum-normalised LRS flux.
+        to="xp": from lrs_flux, (n, 343) in W m^-2 nm^-1 scaled by the star's observed XP norm
+        (so xp_flux is needed; rows without an XP are NaN), or with ``normalised=True`` the
+        predicted shape as flux / norm (unit mean flux over 500-600 nm) for every star.
+        """
+        self._need_decoders()
+        if to == "lrs":
+            if xp_flux is None:
+                raise SpecsearchError("translate to lrs needs xp_flux")
+            result = self.run_batch(
+                xp_flux=xp_flux, xp_flux_error=xp_flux_error, outputs=["lrs_from_xp"]
+            )
+            return result["lrs_from_xp"]
+        if to == "xp":
+            if lrs_flux is None:
+                raise SpecsearchError("translate to xp needs lrs_flux")
+            key = "xp_from_lrs_normalised" if normalised else "xp_from_lrs"
+            if key == "xp_from_lrs" and xp_flux is None:
+                raise SpecsearchError(
+                    "translate to xp in W m^-2 nm^-1 needs the star's xp_flux for its norm; "
+                    "pass normalised=True for the shape alone"
+                )
+            return self.run_batch(
+                lrs_flux=lrs_flux, lrs_ivar=lrs_ivar, xp_flux=xp_flux, outputs=[key]
+            )[key]
+        raise SpecsearchError(f"translate: 'to' must be lrs or xp, not {to!r}")
+
+    def predict_labels(
+        self,
+        lrs_flux: np.ndarray | None = None,
+        lrs_ivar: np.ndarray | None = None,
+        xp_flux: np.ndarray | None = None,
+        xp_flux_error: np.ndarray | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """{"labels", "lrs_labels", "xp_labels"}, each {label: mean, label_err: sigma}, (n,) arrays
+        in physical units (K, dex); "labels" combines the modalities by inverse variance."""
+        if not self.labels_fitted:
+            raise SpecsearchError(
+                f"model {self.model_id} has no fitted label heads (run 'specsearch train finetune')"
+            )
+        names = ["labels", "lrs_labels", "xp_labels"]
+        result = self.run_batch(lrs_flux, lrs_ivar, xp_flux, xp_flux_error, outputs=names)
+        return {k: result[k] for k in names}
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _need_decoders(self) -> None:
+        if not self.has_decoders:
+            raise SpecsearchError(
+                f"model {self.model_id} ({self.variant}) has no decoders; use a pr or split model"
+            )
+
+    def _allocate(self, n: int, wanted: set[str]) -> dict:
+        """NaN-filled outputs for the wanted keys."""
+        widths = {
+            "lrs_embedding": self.embed_dim,
+            "xp_embedding": self.embed_dim,
+            "align_cos": None,
+        }
+        widths |= {"lrs_recon": N_LRS, "lrs_from_xp": N_LRS, "xp_recon": N_XP}
+        widths |= {"xp_from_lrs": N_XP, "xp_from_lrs_normalised": N_XP}
+        if "align_cos" in wanted:
+            wanted = wanted | {"lrs_embedding", "xp_embedding"}
+        if "labels" in wanted:
+            wanted = wanted | {"lrs_labels", "xp_labels"}
+        out: dict = {}
+        for key in wanted:
+            if key in widths:
+                out[key] = np.full(
+                    (n,) if widths[key] is None else (n, widths[key]), np.nan, dtype=np.float32
+                )
+            elif key in ("labels", "lrs_labels", "xp_labels"):
+                out[key] = {
+                    f"{label}{s}": np.full(n, np.nan, dtype=np.float32)
+                    for label in self.labels
+                    for s in ("", "_err")
+                }
+        return out
+
+    @torch.inference_mode()
+    def _forward_rows(self, rows: np.ndarray, lrs, xp, out: dict) -> None:
+        """Fill ``out`` for one batch of star rows: encoder, head, decoders, label head."""
+        model, device = self.model, self.device
+        for modality, inputs, own in (("lrs", lrs, LRS_OUTPUTS), ("xp", xp, XP_OUTPUTS)):
+            labels_key = f"{modality}_labels"
+            want_labels = labels_key in out and bool(model.label_heads[modality].fitted)
+            want_spectra = self.has_decoders and bool(set(own[1:]) & set(out))
+            if inputs is None or not (own[0] in out or want_spectra or want_labels):
+                continue
+            idx = rows[inputs["present"][rows]]
+            if not idx.size:
+                continue
+            stats = torch.from_numpy(inputs["stats"][idx]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                if modality == "lrs":
+                    z = torch.from_numpy(inputs["z"][idx]).to(device)
+                    ivar = torch.from_numpy(inputs["ivar"][idx]).to(device)
+                    features = model.lrs_features(z, stats, ivar)
+                    decoded = model.decode(lrs_features=features) if want_spectra else {}
+                else:
+                    features = model.xp_features(
+                        torch.from_numpy(inputs["x"][idx]).to(device), stats
+                    )
+                    decoded = model.decode(xp_features=features) if want_spectra else {}
+                labels = model.label_heads[modality].predict(features) if want_labels else None
+            features = features.float()
+            spectra = {k: v.float() for k, v in decoded.items()}
+
+            if own[0] in out:
+                out[own[0]][idx] = F.normalize(model.clip_part(features), dim=-1).cpu().numpy()
+            if labels is not None:
+                mean, sigma = (a.float().cpu().numpy() for a in labels)
+                for j, label in enumerate(self.labels):
+                    out[labels_key][label][idx] = mean[:, j]
+                    out[labels_key][f"{label}_err"][idx] = sigma[:, j]
+            if "lrs_recon" in spectra and "lrs_recon" in out:
+                # z -> continuum-normalised flux with the star's own mean and std
+                flux = stats[:, :1] + 10.0 ** stats[:, 1:2] * spectra["lrs_recon"]
+                out["lrs_recon"][idx] = flux.cpu().numpy()
+            if "xp_from_lrs" in spectra:
+                shape = spectra["xp_from_lrs"].cpu().numpy()
+                if "xp_from_lrs_normalised" in out:
+                    out["xp_from_lrs_normalised"][idx] = shape
+                if "xp_from_lrs" in out and xp is not None:
+                    out["xp_from_lrs"][idx] = shape * xp["norm"][idx, None]
+            if "xp_recon" in spectra and "xp_recon" in out:
+                out["xp_recon"][idx] = (spectra["xp_recon"] * 10.0 ** stats[:, :1]).cpu().numpy()
+            if "lrs_from_xp" in spectra and "lrs_from_xp" in out:
+                out["lrs_from_xp"][idx] = spectra["lrs_from_xp"].cpu().numpy()
+
+    def _combine(self, out: dict) -> None:
+        """The outputs that use both modalities: align_cos and the combined labels."""
+        if "align_cos" in out:
+            out["align_cos"] = np.sum(out["lrs_embedding"] * out["xp_embedding"], axis=1).astype(
+                np.float32
+            )
+        if "labels" not in out:
+            return
+        for label in self.labels:
+            parts = [(out[k][label], out[k][f"{label}_err"]) for k in ("lrs_labels", "xp_labels")]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                weights = [
+                    np.where(np.isfinite(err), 1.0 / np.square(err), 0.0) for _, err in parts
+                ]
+                total = np.sum(weights, axis=0)
+                weighted = np.sum(
+                    [w * np.nan_to_num(m) for w, (m, _) in zip(weights, parts, strict=True)], axis=0
+                )
+                out["labels"][label] = np.where(total > 0, weighted / total, np.nan).astype(
+                    np.float32
+                )
+                out["labels"][f"{label}_err"] = np.where(
+                    total > 0, 1.0 / np.sqrt(total), np.nan
+                ).astype(np.float32)

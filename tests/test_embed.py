@@ -1,0 +1,225 @@
+"""The embed stage and similarity search on a small store with a tiny (untrained) model."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from specsearch.cli.app import app
+from typer.testing import CliRunner
+
+from specsearch.embed import embed_store, plan_chunks, read_embeddings
+from specsearch.errors import SpecsearchError
+from specsearch.grids import LRS_WAVELENGTH, XP_WAVELENGTH
+from specsearch.ingest import ingest
+from specsearch.models.factory import build_model, save_model
+from specsearch.schema import make_shard_table
+from specsearch.search import search
+from specsearch.store import Store, write_parquet_atomic
+
+TINY = {
+    "base": "small",
+    "lrs": {"width": 32, "depth": 1, "n_heads": 2},
+    "xp_oae": {"hidden": 32, "latent": 32},
+    "clip": {
+        "embed_dim": 32,
+        "shared_dim": 16,
+        "xp_head_hidden": 32,
+        "xp_decoder_hidden": [32, 32, 32],
+        "lrs_decoder_hidden": [32, 32, 32],
+    },
+    "labels": {"hidden": [16]},
+}
+N_STARS = 300
+
+
+def synthetic_shard(n: int, seed: int, release: str, first_id: int = 0):
+    """Stars with a temperature-dependent XP slope and an H-beta line; every 10th lacks its LRS."""
+    rng = np.random.default_rng(seed)
+    source_id = (np.arange(first_id, first_id + n) * 4099 + 17).astype(np.int64)
+    teff = rng.uniform(4000, 8000, n)
+    depth = rng.uniform(0.1, 0.5, n)
+    lrs = 1 - depth[:, None] * np.exp(-0.5 * ((LRS_WAVELENGTH[None] - 4862.7) / 6) ** 2)
+    lrs = lrs + rng.normal(0, 0.01, lrs.shape)
+    lrs[::10] = np.nan
+    xp = (XP_WAVELENGTH[None] / 550.0) ** (-3 * teff[:, None] / 6000) * 1e-16
+    # broad random features so that even an untrained encoder tells the stars apart
+    centres, amplitude = rng.uniform(340, 1000, (n, 3)), rng.normal(0, 1.0, (n, 3))
+    bumps = amplitude[:, :, None] * np.exp(
+        -0.5 * ((XP_WAVELENGTH[None, None] - centres[..., None]) / 40) ** 2
+    )
+    xp = xp * np.exp(bumps.sum(axis=1))
+    return make_shard_table(
+        source_id,
+        release,
+        lrs_flux=lrs,
+        lrs_ivar=np.full(lrs.shape, 1e4),
+        xp_flux=xp,
+        xp_flux_error=0.01 * xp,
+        labels={"teff": teff},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model("specclip", TINY, variant="pr")
+    for head in model.label_heads.values():
+        head.set_scaler([5000.0, 4.0, 0.0, 0.1], [1000.0, 1.0, 0.5, 0.1])
+    return save_model(model.eval(), tmp_path_factory.mktemp("models") / "tiny-test-model")
+
+
+@pytest.fixture()
+def store(tmp_path):
+    src = tmp_path / "src"
+    write_parquet_atomic(synthetic_shard(N_STARS, 0, "DR1"), src / "part-00000.parquet")
+    ingest(src, tmp_path / "store", "DR1", progress=False)
+    return tmp_path / "store"
+
+
+def _embedding_tables(store):
+    st = Store(store, create=False)
+    out = {}
+    for path in sorted((st.root / "embeddings").rglob("part-*.parquet")):
+        out[str(path.relative_to(st.root))] = pq.read_table(path)
+    return out
+
+
+def test_embed_writes_one_row_per_present_spectrum(store, tiny_model):
+    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    assert "270 LRS and 300 XP" in summary
+    lrs = read_embeddings(store, "lrs")
+    xp = read_embeddings(store, "xp")
+    assert lrs.num_rows == 270 and xp.num_rows == 300
+    vectors = np.asarray(
+        xp.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32
+    )
+    norms = np.linalg.norm(vectors.reshape(300, -1), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # float16 on disk
+    # stars with both spectra carry cross chi^2 and align_cos; LRS-less stars do not
+    assert xp.column("cross_chi2").null_count == 30 and xp.column("align_cos").null_count == 30
+    assert np.all(np.asarray(xp.column("recon_chi2").to_numpy()) > 0)
+    assert set(xp.column("model_id").to_pylist()) == {"tiny-test-model"}
+
+
+def test_second_embed_adds_nothing(store, tiny_model):
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    before = {
+        k: (v, (Store(store).root / k).stat().st_mtime_ns)
+        for k, v in _embedding_tables(store).items()
+    }
+    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    assert summary.startswith("embed: nothing to do (3 chunks")
+    after = _embedding_tables(store)
+    assert set(after) == set(before)
+    assert all((Store(store).root / k).stat().st_mtime_ns == before[k][1] for k in after)
+
+
+def test_killed_run_resumes_to_the_same_files(tmp_path, store, tiny_model):
+    clean = tmp_path / "clean"
+    shutil.copytree(store, clean)
+    embed_store(clean, model=str(tiny_model), progress=False, chunk_rows=128)
+    # a run that died after one chunk, plus a stray temporary file from the interrupted write
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128, max_chunks=1)
+    assert len(_embedding_tables(store)) == 2
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    resumed, reference = _embedding_tables(store), _embedding_tables(clean)
+    assert set(resumed) == set(reference) and len(resumed) == 6
+    for name, table in reference.items():
+        assert resumed[name].equals(table), name
+
+
+def test_new_release_embeds_only_new_rows(tmp_path, store, tiny_model):
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    src2 = tmp_path / "src2"
+    write_parquet_atomic(
+        synthetic_shard(50, 1, "DR2", first_id=10_000), src2 / "part-00000.parquet"
+    )
+    ingest(src2, store, "DR2", progress=False)
+    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    assert "45 LRS and 50 XP" in summary and "(3 already done)" in summary
+    assert len(plan_chunks(Store(store), chunk_rows=128)) == 4
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_same_rows(tmp_path, store, tiny_model):
+    pytest.importorskip("ray")
+    other = tmp_path / "ray"
+    shutil.copytree(store, other)
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(
+        other, model=str(tiny_model), engine="ray", device="cpu", progress=False, chunk_rows=128
+    )
+    local, remote = _embedding_tables(store), _embedding_tables(other)
+    assert set(local) == set(remote)
+    for name, table in local.items():
+        assert table.column("source_id").equals(remote[name].column("source_id"))
+        a = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+        b = np.asarray(
+            remote[name].column("embedding").combine_chunks().flatten(), dtype=np.float32
+        )
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.fixture()
+def indexed_store(store, tiny_model):
+    from specsearch.indexes import build_store_indexes
+
+    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    build_store_indexes(store)
+    return store
+
+
+def test_search_by_id_in_and_across_modalities(indexed_store, tiny_model):
+    xp = read_embeddings(indexed_store, "xp")
+    query = int(xp.column("source_id")[21].as_py())
+    table = search(
+        indexed_store, source_ids=np.array([query]), modality="xp", k=5, model=str(tiny_model)
+    )
+    assert table.num_rows == 5 and query not in table.column("neighbor_id").to_pylist()
+    sims = table.column("similarity").to_numpy()
+    assert np.all(np.diff(sims) <= 1e-6) and np.all(sims <= 1.0 + 1e-3)
+    # the neighbours are exactly those of a brute-force cosine search over the stored vectors
+    ids = xp.column("source_id").to_numpy()
+    vectors = np.asarray(
+        xp.column("embedding").combine_chunks().flatten(), dtype=np.float32
+    ).reshape(len(ids), -1)
+    cos = vectors @ vectors[21]
+    cos[21] = -np.inf
+    fifth = np.sort(cos)[-5]
+    found = np.searchsorted(ids, table.column("neighbor_id").to_numpy())
+    assert np.all(ids[found] == table.column("neighbor_id").to_numpy())
+    # each neighbour is among the true top 5 up to float16 ties, with its true similarity
+    assert np.all(cos[found] >= fifth - 3e-4) and fifth > np.median(cos[np.isfinite(cos)]) + 0.03
+    np.testing.assert_allclose(sims, cos[found], atol=3e-4)
+    cross = search(
+        indexed_store,
+        source_ids=np.array([query]),
+        modality="lrs",
+        target="xp",
+        k=3,
+        model=str(tiny_model),
+    )
+    assert cross.column("target_modality").to_pylist() == ["xp"] * 3
+    assert "teff" in cross.column_names  # neighbours carry their catalog labels
+
+
+def test_search_unknown_id_is_one_line_error(indexed_store, tiny_model):
+    with pytest.raises(SpecsearchError, match="source_id 42 has no xp embedding"):
+        search(indexed_store, source_ids=np.array([42]), modality="xp", model=str(tiny_model))
+    result = CliRunner().invoke(app, ["search", "--store", str(indexed_store), "--source-id", "42"])
+    assert result.exit_code == 2
+    assert "source_id 42 has no xp embedding" in result.output and "Traceback" not in result.output
+
+
+def test_search_by_spectrum_file_finds_the_star_itself(tmp_path, indexed_store, tiny_model):
+    one = synthetic_shard(N_STARS, 0, "Q").slice(33, 1)  # star 33 of the store, as a file
+    path = tmp_path / "query.parquet"
+    write_parquet_atomic(one, path)
+    table = search(indexed_store, spectrum=path, modality="xp", k=3, model=str(tiny_model))
+    assert table.column("neighbor_id")[0].as_py() == one.column("source_id")[0].as_py()
+    assert table.column("similarity")[0].as_py() > 0.999
