@@ -171,6 +171,7 @@ def search(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write results here.")
     ] = None,
+    model: Annotated[str, typer.Option(help="Model id, to encode a --spectrum query.")] = "default",
 ) -> None:
     """The k nearest neighbours of a star, in-modal or cross-modal."""
     from specsearch.search import search_cli
@@ -185,6 +186,7 @@ def search(
         k=k,
         fmt=format,
         output=output,
+        model=model,
     )
 
 
@@ -245,11 +247,14 @@ def predict(
     release: ReleaseOpt = None,
     model: Annotated[str, typer.Option(help="Model id.")] = "default",
     format: Annotated[str, typer.Option(help="table, csv, json or parquet.")] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write results here.")
+    ] = None,
 ) -> None:
     """Stellar labels (Teff, log g, \\[Fe/H], \\[alpha/M]) with uncertainties."""
     from specsearch.predict import predict_cli
 
-    predict_cli(file=file, store=store, release=release, model=model, fmt=format)
+    predict_cli(file=file, store=store, release=release, model=model, fmt=format, output=output)
 
 
 @app.command()
