@@ -1,1 +1,64 @@
-"""Vector indexes (FAISS) over specsearch embeddings."""
+"""Vector indexes (FAISS) over specsearch embeddings.
+
+One entry point builds an index for a set of unit vectors, choosing its type from the set's size
+and a memory budget and tuning it to a target recall (``build_index``); the store functions read
+the store's embedding Parquet, save ``STORE/indexes/<modality>.faiss`` with a JSON of its
+parameters and measured recall beside it, grow it release by release, and search it.
+"""
+
+from .build import build_index, build_index_streaming, build_sharded_index, empty_copy, make_index
+from .choose import EXACT_THRESHOLD, choose_factory, default_memory_budget, nlist_for
+from .device import CpuDevice, GpuDevice, resolve_device
+from .io import (
+    extend_index,
+    index_ids,
+    iter_index_vectors,
+    load_index,
+    read_params,
+    save_index,
+)
+from .measure import drop_self, exact_knn, exact_knn_streaming, recall_at_k, tune_search_params
+from .store_indexes import (
+    build_store_indexes,
+    extend_store_indexes,
+    iter_embeddings,
+    load_store_index,
+    read_embeddings,
+    scan_embeddings,
+    search_store,
+)
+from .synthetic import sphere_mixture
+
+__all__ = [
+    "EXACT_THRESHOLD",
+    "CpuDevice",
+    "GpuDevice",
+    "build_index",
+    "build_index_streaming",
+    "build_sharded_index",
+    "build_store_indexes",
+    "choose_factory",
+    "default_memory_budget",
+    "drop_self",
+    "empty_copy",
+    "exact_knn",
+    "exact_knn_streaming",
+    "extend_index",
+    "extend_store_indexes",
+    "index_ids",
+    "iter_embeddings",
+    "iter_index_vectors",
+    "load_index",
+    "load_store_index",
+    "make_index",
+    "nlist_for",
+    "read_embeddings",
+    "read_params",
+    "recall_at_k",
+    "resolve_device",
+    "save_index",
+    "scan_embeddings",
+    "search_store",
+    "sphere_mixture",
+    "tune_search_params",
+]

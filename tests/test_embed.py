@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from specsearch.cli.app import app
 from typer.testing import CliRunner
 
+from specsearch.cli.app import app
 from specsearch.embed import embed_store, plan_chunks, read_embeddings
 from specsearch.errors import SpecsearchError
 from specsearch.ingest import ingest

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from specsearch.cli.app import app
 from typer.testing import CliRunner
 
+from specsearch.cli.app import app
 from specsearch.errors import InputError
 from specsearch.grids import N_LRS, N_XP, XP_WAVELENGTH
 from specsearch.ingest import detect_format, ingest, median_snr_lrs, median_snr_xp

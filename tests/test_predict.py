@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from specsearch.cli.app import app
 from typer.testing import CliRunner
 
+from specsearch.cli.app import app
 from specsearch.errors import SpecsearchError
 from specsearch.ingest import ingest
 from specsearch.predict import predict_store, predict_table, translate_rows

@@ -62,7 +62,7 @@ def make_data(work: Path, n_sim: int, seed: int, log=print) -> dict[str, Path]:
 def run(
     out: Path,
     work: Path,
-    n_sim: int = 30000,
+    n_sim: int = 10000,
     seed: int = 0,
     scale: float = 1.0,
     device: str = "auto",
@@ -90,7 +90,7 @@ def run(
                 lrs_data,
                 work / "lrs",
                 "small",
-                TrainConfig(epochs=epochs(8), batch_size=128, lr=1e-3, seed=seed, weight_decay=0.1),
+                TrainConfig(epochs=epochs(6), batch_size=128, lr=1e-3, seed=seed, weight_decay=0.1),
                 device,
                 log=log,
             ),
@@ -165,9 +165,15 @@ def run(
         ),
     ]
     for name, stage in stages:
+        done = work / f"{name}.done.json"
+        if done.exists():  # a finished stage of an interrupted recipe is not run again
+            timings[name] = json.loads(done.read_text())["seconds"]
+            log(f"{name}: already done")
+            continue
         t0 = time.perf_counter()
         stage()
         timings[name] = time.perf_counter() - t0
+        done.write_text(json.dumps({"seconds": timings[name]}))
         log(f"{name}: {timings[name] / 60:.1f} min")
 
     model = load_model(work / "labels")
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="scratch folder (default: OUT.work)"
     )
-    parser.add_argument("--n-sim", type=int, default=30000)
+    parser.add_argument("--n-sim", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs")
     parser.add_argument("--device", default="auto")

@@ -1,0 +1,405 @@
+"""DuckDB over the store: the store's Parquet as SQL views, plus any catalog attached by name.
+
+Views (all always exist, so a query never fails only because a stage has not run yet; a view
+over files that do not exist yet is empty, with the contract's key columns):
+
+``shards``
+    canonical rows of every release (the ``STORE/shards/release=*/`` files the manifest lists),
+    without the spectrum arrays (``lrs_flux``, ``lrs_ivar``, ``xp_flux``, ``xp_flux_error``)
+    unless ``with_arrays``; array-free queries then read no array bytes.
+``embeddings``
+    ``STORE/embeddings/release=*/modality=*/part-*.parquet`` with ``release`` and ``modality``
+    from the folder names; ``embedding`` is a ``FLOAT[d]`` array, ready for
+    ``array_cosine_similarity``.
+``scores``
+    every Parquet file under ``STORE/scores`` except ``neighbors*.parquet`` (hive folders become
+    columns). Empty: (source_id, release).
+``neighbors``
+    ``STORE/scores/**/neighbors*.parquet``: (source_id, modality, rank, neighbor_id, similarity, ...).
+``labels``
+    predicted labels carried in the embeddings (``pred_teff``, ``pred_logg``, ``pred_fe_h``,
+    ``pred_alpha_m`` and their ``_err``; unprefixed names are accepted too): source_id, release,
+    modality, model_id and those columns, for the rows that have a label. Empty until
+    embeddings with labels exist.
+
+``attach={"gaia": "gaia.fits"}`` adds a view ``gaia``: Parquet (file or folder), CSV/TSV, JSON,
+FITS binary tables, ECSV and VOTable (the last three through astropy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import SpecsearchError
+from .schema import ARRAY_COLUMNS, LABELS, SHARD_SCHEMA
+from .store import Store, atomic_path
+
+VIEWS = ("shards", "embeddings", "scores", "neighbors", "labels")
+FORMATS = ("table", "csv", "json", "parquet")
+MAX_TABLE_ROWS = 1000
+"""Rows shown by ``--format table``; the other formats write every row."""
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_RE = re.compile(rf"^(pred_)?({'|'.join(LABELS)})(_err)?$")
+
+_EMPTY = {
+    "embeddings": "SELECT NULL::BIGINT AS source_id, NULL::VARCHAR AS release, NULL::VARCHAR AS modality, "
+    "NULL::VARCHAR AS model_id, NULL::FLOAT[] AS embedding",
+    "scores": "SELECT NULL::BIGINT AS source_id, NULL::VARCHAR AS release",
+    "neighbors": "SELECT NULL::BIGINT AS source_id, NULL::VARCHAR AS modality, NULL::INTEGER AS rank, "
+    "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS similarity, NULL::VARCHAR AS release",
+    "labels": "SELECT NULL::BIGINT AS source_id, NULL::VARCHAR AS release, NULL::VARCHAR AS modality, "
+    "NULL::VARCHAR AS model_id, "
+    + ", ".join(f"NULL::FLOAT AS pred_{name}{err}" for name in LABELS for err in ("", "_err")),
+}
+
+
+def connect(
+    store: Store | str | os.PathLike,
+    attach: dict[str, str | os.PathLike] | None = None,
+    with_arrays: bool = False,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views and the attached catalogs."""
+    store = store if isinstance(store, Store) else Store(store, create=False)
+    con = duckdb.connect()
+    root = store.root
+    # the files the manifest lists: never a stray or stale shard (a missing one is an error)
+    _create_shards_view(con, store.shard_files() if store.releases() else [], with_arrays)
+    _create_embeddings_view(
+        con, sorted((root / "embeddings").glob("release=*/modality=*/part-*.parquet"))
+    )
+    score_files = [
+        p for p in sorted((root / "scores").rglob("*.parquet")) if not p.name.startswith(".")
+    ]
+    _create_parquet_view(
+        con, "scores", [p for p in score_files if not p.name.startswith("neighbors")]
+    )
+    _create_parquet_view(
+        con, "neighbors", [p for p in score_files if p.name.startswith("neighbors")]
+    )
+    _create_labels_view(con)
+    for name, path in (attach or {}).items():
+        attach_catalog(con, name, path)
+    return con
+
+
+def _quote_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _file_list(files: list[Path]) -> str:
+    return "[" + ", ".join(_quote_path(p) for p in files) + "]"
+
+
+def _create_shards_view(
+    con: duckdb.DuckDBPyConnection, files: list[Path], with_arrays: bool
+) -> None:
+    if files:
+        # the rows carry their own `release` column, so the folder names are not needed
+        source = (
+            f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = false)"
+        )
+        present = {row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    else:
+        con.register("_empty_shards", SHARD_SCHEMA.empty_table())
+        source = "_empty_shards"
+        present = set(SHARD_SCHEMA.names)
+    arrays = [c for c in ARRAY_COLUMNS if c in present]
+    exclude = f" EXCLUDE ({', '.join(arrays)})" if arrays and not with_arrays else ""
+    con.sql(f"CREATE VIEW shards AS SELECT *{exclude} FROM {source}")
+
+
+def _create_embeddings_view(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
+    if not files:
+        con.sql(f"CREATE VIEW embeddings AS {_EMPTY['embeddings']} WHERE false")
+        return
+    source = f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = true)"
+    dims = {_embedding_dim(p) for p in files}
+    # a fixed-size FLOAT[d] array is what DuckDB's array_* distance functions take
+    cast = (
+        f" REPLACE (embedding::FLOAT[{dims.pop()}] AS embedding)"
+        if len(dims) == 1 and None not in dims
+        else ""
+    )
+    con.sql(f"CREATE VIEW embeddings AS SELECT *{cast} FROM {source}")
+
+
+def _embedding_dim(path: Path) -> int | None:
+    try:
+        kind = pq.read_schema(path).field("embedding").type
+    except (KeyError, pa.ArrowInvalid, OSError):
+        return None
+    return kind.list_size if pa.types.is_fixed_size_list(kind) else None
+
+
+def _create_parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[Path]) -> None:
+    if files:
+        source = (
+            f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = true)"
+        )
+        con.sql(f"CREATE VIEW {name} AS SELECT * FROM {source}")
+    else:
+        con.sql(f"CREATE VIEW {name} AS {_EMPTY[name]} WHERE false")
+
+
+def _create_labels_view(con: duckdb.DuckDBPyConnection) -> None:
+    columns = [row[0] for row in con.sql("DESCRIBE embeddings").fetchall()]
+    labels = [c for c in columns if _LABEL_RE.match(c)]
+    if not labels:
+        con.sql(f"CREATE VIEW labels AS {_EMPTY['labels']} WHERE false")
+        return
+    keys = [c for c in ("source_id", "release", "modality", "model_id") if c in columns]
+    # rows of files without predictions get null labels from union_by_name: leave them out
+    con.sql(
+        f"CREATE VIEW labels AS SELECT {', '.join(keys + labels)} FROM embeddings "
+        f"WHERE coalesce({', '.join(labels)}) IS NOT NULL"
+    )
+
+
+# --- attached catalogs
+
+
+def parse_attach(items: list[str]) -> dict[str, Path]:
+    """``["gaia=cat.fits", ...]`` -> ``{"gaia": Path("cat.fits")}``, checking names and files."""
+    attached: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not path:
+            raise SpecsearchError(f"--attach {item!r}: expected NAME=PATH")
+        attached[name] = Path(path)
+    return attached
+
+
+def attach_catalog(con: duckdb.DuckDBPyConnection, name: str, path: str | os.PathLike) -> None:
+    """Make the table at ``path`` queryable as view ``name``; the format follows the suffix."""
+    path = Path(path)
+    if not _NAME_RE.match(name):
+        raise SpecsearchError(f"--attach {name}={path}: the name must be letters, digits and '_'")
+    if name.lower() in VIEWS:
+        raise SpecsearchError(f"--attach {name}={path}: {name} is one of the store's views")
+    if not path.exists():
+        raise SpecsearchError(f"{path}: no such file or directory")
+    suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+    if path.is_dir():
+        source = f"read_parquet({_quote_path(path / '**' / '*.parquet')}, hive_partitioning = true)"
+    elif suffix in (".parquet", ".pq"):
+        source = f"read_parquet({_quote_path(path)})"
+    elif suffix in (".csv", ".tsv", ".txt"):
+        source = f"read_csv({_quote_path(path)}, auto_detect = true)"
+    elif suffix in (".json", ".jsonl", ".ndjson"):
+        source = f"read_json_auto({_quote_path(path)})"
+    elif suffix in (".fits", ".fit", ".fts", ".ecsv", ".vot", ".votable", ".xml"):
+        con.register(name, read_astropy_table(path))
+        return
+    else:
+        raise SpecsearchError(f"{path}: unknown catalog format {suffix or '(no suffix)'!r}")
+    try:
+        con.sql(f"CREATE VIEW {name} AS SELECT * FROM {source}")
+    except duckdb.Error as err:
+        raise SpecsearchError(f"{path}: {_first_line(err)}") from None
+
+
+def read_astropy_table(path: Path) -> pa.Table:
+    """A FITS binary table (first table HDU), ECSV or VOTable as an Arrow table."""
+    from astropy.table import Table
+
+    suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+    fmt = {".ecsv": "ascii.ecsv", ".vot": "votable", ".votable": "votable", ".xml": "votable"}.get(
+        suffix, "fits"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unit and multi-HDU chatter from astropy
+            table = Table.read(path, format=fmt)
+    except Exception as err:  # astropy raises many types for a bad file
+        raise SpecsearchError(
+            f"{path}: cannot read as a {fmt} table ({_first_line(err)})"
+        ) from None
+    return astropy_to_arrow(table)
+
+
+def astropy_to_arrow(table) -> pa.Table:
+    """Convert an astropy Table: masks become nulls, byte strings text, (n, ...) cells fixed lists.
+
+    Mixin columns (Time, SkyCoord, Quantity with structure) become their string form.
+    """
+    from astropy.table import Column
+
+    arrays = {}
+    for name in table.colnames:
+        column = table[name]
+        if not isinstance(column, Column):
+            arrays[name] = pa.array([str(value) for value in column])
+            continue
+        data = np.asarray(column)
+        mask = np.ma.getmaskarray(column)
+        if data.dtype.kind == "S":
+            data = np.char.decode(data, "ascii", "replace")
+        elif data.dtype.kind not in "UO":
+            data = data.astype(data.dtype.newbyteorder("="))  # FITS is big-endian
+        if data.ndim == 1:
+            arrays[name] = pa.array(data, mask=mask if mask.any() else None)
+        else:
+            width = int(np.prod(data.shape[1:]))
+            row_mask = mask.reshape(len(data), -1).all(axis=1)
+            arrays[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(data.reshape(-1)),
+                width,
+                mask=pa.array(row_mask) if row_mask.any() else None,
+            )
+    return pa.table(arrays)
+
+
+# --- running a query
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
+    """Run ``sql``; DuckDB's errors become a one-line SpecsearchError."""
+    try:
+        return con.sql(sql)
+    except duckdb.Error as err:
+        raise SpecsearchError(f"SQL: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def sql_cli(
+    store: Store | str | os.PathLike,
+    query_text: str,
+    fmt: str = "table",
+    attach: list[str] | None = None,
+    output: str | os.PathLike | None = None,
+    with_arrays: bool = False,
+) -> None:
+    """``specsearch sql``: run a query over the store and print or write the result.
+
+    table: a rich table on stdout (first MAX_TABLE_ROWS rows) and a row count; csv/json: to
+    stdout (row count on stderr) or to ``output``; parquet: to ``output`` only.
+    Files are written atomically.
+    """
+    if fmt not in FORMATS:
+        raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and output is None:
+        raise SpecsearchError("--format parquet needs --output FILE")
+    con = connect(store, parse_attach(attach or []), with_arrays=with_arrays)
+    relation = query(con, query_text)
+    if relation is None:
+        print("OK")
+        return
+    try:
+        if fmt == "table":
+            rows = _print_table(relation, output)
+        elif fmt == "parquet":
+            with atomic_path(Path(output)) as tmp:
+                relation.write_parquet(str(tmp), compression="zstd")
+                rows = pq.ParquetFile(tmp).metadata.num_rows
+        elif fmt == "csv":
+            rows = _write_text(relation, output, _write_csv)
+        else:
+            rows = _write_text(relation, output, _write_json)
+    except duckdb.Error as err:
+        raise SpecsearchError(f"SQL: {_first_line(err)}") from None
+    summary = f"{rows:,} row{'s' if rows != 1 else ''}" + (
+        f" written to {output}" if output else ""
+    )
+    if fmt == "table" and output is None:
+        shown = f" (first {MAX_TABLE_ROWS:,} shown)" if rows > MAX_TABLE_ROWS else ""
+        print(summary + shown)
+    elif output is not None:
+        print(summary)
+    else:
+        print(summary, file=sys.stderr)
+
+
+def _write_text(relation, output, writer) -> int:
+    if output is not None:
+        with atomic_path(Path(output)) as tmp:
+            return writer(relation, tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / "result"
+        rows = writer(relation, tmp)
+        with open(tmp, encoding="utf-8") as f:
+            shutil.copyfileobj(f, sys.stdout)
+    sys.stdout.flush()
+    return rows
+
+
+def _write_csv(relation, path: Path) -> int:
+    relation.write_csv(str(path), header=True)
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+
+def _write_json(relation, path: Path) -> int:
+    """A JSON array of row objects; NaN and infinities become null."""
+    rows = 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        for batch in relation.to_arrow_reader(batch_size=10_000):
+            for record in batch.to_pylist():
+                f.write(",\n" if rows else "\n")
+                f.write(json.dumps(_finite(record), default=str))
+                rows += 1
+        f.write("\n]\n" if rows else "]\n")
+    return rows
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _print_table(relation, output) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text  # cells are data, never rich markup
+
+    table = Table(show_header=True, header_style="bold")
+    for name in relation.columns:
+        table.add_column(Text(name), overflow="fold")
+    rows = 0
+    for batch in relation.to_arrow_reader(batch_size=10_000):
+        for record in batch.to_pylist():
+            if rows < MAX_TABLE_ROWS:
+                table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
+            rows += 1
+    if output is None:
+        Console(file=sys.stdout).print(table)
+    else:
+        with atomic_path(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            Console(file=f, width=200).print(table)
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):  # e.g. an embedding: its first values and its length
+        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in value[:3])
+        return f"[{head}, … ({len(value)})]" if len(value) > 3 else f"[{head}]"
+    return str(value)

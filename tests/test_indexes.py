@@ -1,0 +1,383 @@
+"""The FAISS layer: choice, recall tuning, persistence, extension, sharded builds, the store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from specsearch.cli.app import app
+from specsearch.errors import SpecsearchError
+from specsearch.indexes import (
+    GpuDevice,
+    build_index,
+    build_sharded_index,
+    build_store_indexes,
+    choose_factory,
+    drop_self,
+    empty_copy,
+    extend_index,
+    extend_store_indexes,
+    index_ids,
+    load_index,
+    make_index,
+    recall_at_k,
+    save_index,
+    search_store,
+    sphere_mixture,
+)
+from specsearch.indexes.device import _clip_nprobe
+from specsearch.store import Store, write_parquet_atomic
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """20k clustered unit vectors with sparse, shuffled ids (like Gaia source_ids)."""
+    vectors = sphere_mixture(20_000, D, n_clusters=64, spread=0.6, seed=1)
+    ids = np.random.default_rng(2).permutation(20_000).astype(np.int64) * 1_000_003 + 17
+    return vectors, ids
+
+
+@pytest.fixture(scope="module")
+def ivf_auto(clustered):
+    vectors, ids = clustered
+    return build_index(vectors, ids, target_recall=0.95, exact_threshold=1_000, show_progress=False)
+
+
+def exact_top_ids(vectors, ids, queries, k=10):
+    similarity = queries @ vectors.T
+    order = np.argsort(-similarity, axis=1)[:, :k]
+    return ids[order]
+
+
+def test_choice_follows_size_and_memory():
+    assert choose_factory(10_000, 128) == "IDMap2,Flat"
+    assert choose_factory(1_000_000, 128) == "IVF4096_HNSW32,SQ8"
+    assert choose_factory(1_000_000, 128, gpu=True) == "IVF4096,SQ8"
+    # 1M x (128 + 8) bytes does not fit 100 MB: product quantisation does
+    assert choose_factory(1_000_000, 128, memory_budget_bytes=100_000_000).endswith(",PQ64")
+    with pytest.raises(SpecsearchError):
+        choose_factory(1_000_000, 128, memory_budget_bytes=1_000)
+
+
+def test_auto_ivf_reaches_target_recall(clustered, ivf_auto):
+    vectors, ids = clustered
+    index, params = ivf_auto
+    assert params["factory"].startswith("IVF") and "HNSW32" in params["factory"]
+    assert params["recall"] >= 0.95
+    assert params["search_params"].startswith("nprobe=")
+    nprobe = int(params["search_params"].split(",")[0].split("=")[1])
+    assert 1 < nprobe < faiss.extract_index_ivf(index).nlist  # tuned, not exhaustive
+    # an independent check on other queries, against numpy brute force
+    rng = np.random.default_rng(99)
+    queries = vectors[rng.choice(len(vectors), 300, replace=False)]
+    _, found = index.search(queries, 10)
+    assert recall_at_k(found, exact_top_ids(vectors, ids, queries)) >= 0.93
+    assert np.isin(found, ids).all()
+
+
+def test_leave_one_out_tuning_holds_for_stars_not_indexed(clustered):
+    vectors, ids = clustered
+    indexed, held_out = slice(0, 18_000), slice(18_000, 20_000)
+    index, params = build_index(
+        vectors[indexed], ids[indexed], exact_threshold=1_000, show_progress=False
+    )
+    assert params["recall"] >= 0.95 and params["recall_queries"].endswith("self excluded")
+    _, found = index.search(vectors[held_out], 10)
+    assert (
+        recall_at_k(found, exact_top_ids(vectors[indexed], ids[indexed], vectors[held_out])) >= 0.94
+    )
+
+
+def test_recall_and_drop_self():
+    true = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k(np.array([[3, 2, 1], [4, -1, 9]]), true) == pytest.approx((1 + 1 / 3) / 2)
+    found = np.array([[7, 1, 2, 3], [4, 5, 6, 8]])
+    np.testing.assert_array_equal(drop_self(found, np.array([7, 99]), 3), [[1, 2, 3], [4, 5, 6]])
+
+
+def test_small_set_is_exact(clustered):
+    vectors, ids = clustered
+    index, params = build_index(vectors[:2000], ids[:2000], show_progress=False)
+    assert params["factory"] == "IDMap2,Flat"
+    assert params["recall"] == 1.0
+    similarities, found = index.search(vectors[:5], 3)
+    assert (found[:, 0] == ids[:5]).all()
+    np.testing.assert_allclose(similarities[:, 0], 1.0, atol=1e-5)
+
+
+def test_forced_factory_is_honoured(clustered):
+    vectors, ids = clustered
+    index, params = build_index(
+        vectors[:5000], ids[:5000], factory="IVF32,Flat", exclude_self=False, show_progress=False
+    )
+    assert params["recall_queries"].endswith("self included")
+    assert isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)
+    assert faiss.extract_index_ivf(index).nlist == 32
+    assert params["factory"] == "IVF32,Flat" and params["auto"] is False
+    assert 0.95 <= params["recall"] <= 1.0
+    index, params = build_index(vectors[:3000], ids[:3000], factory="HNSW16", show_progress=False)
+    assert isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexHNSWFlat)
+    assert params["search_params"].startswith("efSearch=") and params["recall"] >= 0.95
+    _, found = index.search(vectors[:3], 1)
+    assert (found[:, 0] == ids[:3]).all()
+    with pytest.raises(SpecsearchError, match="factory"):
+        build_index(vectors[:100], ids[:100], factory="NoSuchIndex", show_progress=False)
+
+
+def test_bad_input_is_refused(clustered):
+    vectors, ids = clustered
+    with pytest.raises(SpecsearchError, match="duplicate id"):
+        build_index(vectors[:10], np.zeros(10, np.int64), show_progress=False)
+    broken = vectors[:10].copy()
+    broken[3] = np.nan
+    with pytest.raises(SpecsearchError, match=str(ids[3])):
+        build_index(broken, ids[:10], show_progress=False)
+
+
+def test_save_load_round_trip(tmp_path, clustered, ivf_auto):
+    vectors, _ = clustered
+    index, params = ivf_auto
+    saved = save_index(index, {**params, "model_id": "m1"}, tmp_path, "xp")
+    written = json.loads((tmp_path / "xp.json").read_text())
+    assert written["recall"] == params["recall"] >= 0.95
+    assert written["factory"] == params["factory"] and written["n"] == 20_000 and written["d"] == D
+    assert written["version"] == saved["version"] and written["model_id"] == "m1"
+    expected = index.search(vectors[:50], 10)
+    for mmap in (False, True):
+        loaded, loaded_params = load_index(tmp_path, "xp", mmap=mmap)
+        assert loaded_params == written
+        got = loaded.search(vectors[:50], 10)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[0], expected[0])
+
+
+def test_index_never_pairs_with_other_json(tmp_path, clustered):
+    vectors, ids = clustered
+    index, params = build_index(vectors[:500], ids[:500], show_progress=False)
+    save_index(index, params, tmp_path, "lrs")
+    stale = json.loads((tmp_path / "lrs.json").read_text())
+    save_index(index, params, tmp_path, "lrs")  # a new version of the index ...
+    (tmp_path / "lrs.json").write_text(json.dumps(stale))  # ... beside the old JSON
+    with pytest.raises(SpecsearchError, match="does not match"):
+        load_index(tmp_path, "lrs", attempts=2)
+
+
+def test_extension_adds_new_release_once(tmp_path, clustered):
+    vectors, ids = clustered
+    index, params = build_index(vectors[:3000], ids[:3000], show_progress=False)
+    save_index(index, {**params, "releases": ["DR1"]}, tmp_path, "xp")
+    new = slice(2500, 4000)  # 500 stars seen before, 1000 new
+    grown = extend_index(tmp_path, "xp", vectors[new], ids[new], releases=["DR2"])
+    assert grown["added"] == 1000 and grown["n"] == 4000 and grown["releases"] == ["DR1", "DR2"]
+    assert grown["recall"] == 1.0
+    held = index_ids(load_index(tmp_path, "xp")[0])
+    assert len(held) == len(set(held)) == 4000
+    assert set(held) == set(ids[:4000])
+    again = extend_index(tmp_path, "xp", vectors[new], ids[new], releases=["DR2"])
+    assert again["added"] == 0 and again["version"] == grown["version"]
+    assert len(index_ids(load_index(tmp_path, "xp")[0])) == 4000
+
+
+def test_extension_of_ivf_and_rebuild_when_outgrown(tmp_path, clustered):
+    vectors, ids = clustered
+    index, params = build_index(
+        vectors[:8000], ids[:8000], factory="IVF64,SQ8", show_progress=False
+    )
+    save_index(index, params, tmp_path, "xp")
+    grown = extend_index(tmp_path, "xp", vectors[8000:10000], ids[8000:10000])
+    assert grown["n"] == 10_000 and grown["factory"] == "IVF64,SQ8" and grown["recall"] >= 0.95
+    assert set(index_ids(load_index(tmp_path, "xp")[0])) == set(ids[:10000])
+    # an auto Flat index that grows past the exact threshold becomes an IVF
+    flat, flat_params = build_index(
+        vectors[:2000], ids[:2000], exact_threshold=3000, show_progress=False
+    )
+    save_index(flat, flat_params, tmp_path, "lrs")
+    rebuilt = extend_index(tmp_path, "lrs", vectors[2000:4000], ids[2000:4000])
+    assert rebuilt["factory"].startswith("IVF") and "rebuilt" in rebuilt and rebuilt["n"] == 4000
+    assert set(index_ids(load_index(tmp_path, "lrs")[0])) == set(ids[:4000])
+
+
+def test_sharded_build_equals_single_build(tmp_path, clustered):
+    vectors, ids = clustered
+    trained = make_index("IVF128,SQ8", D)
+    trained.train(vectors[::2])
+    single = empty_copy(trained)
+    single.add_with_ids(vectors, ids)
+    shards = [(vectors[i : i + 5000], ids[i : i + 5000]) for i in range(0, 20_000, 5000)]
+    sharded = build_sharded_index(trained, shards, tmp_path, "xp.test.ivfdata", show_progress=False)
+    assert sharded.ntotal == 20_000 and (tmp_path / "xp.test.ivfdata").exists()
+    assert not list(tmp_path.glob(".*shards*"))  # scratch removed
+    for index in (single, sharded):
+        faiss.extract_index_ivf(index).nprobe = 8
+    queries = vectors[::97]
+    expected, got = single.search(queries, 10), sharded.search(queries, 10)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    # the saved on-disk index travels with its folder
+    save_index(sharded, {"ivfdata": "xp.test.ivfdata", "search_params": "nprobe=8"}, tmp_path, "xp")
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)
+    shutil.rmtree(tmp_path)
+    loaded, _ = load_index(moved, "xp")
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], expected[1])
+
+
+class FakeGpu(GpuDevice):
+    """The GPU branch with copies standing in for the transfers."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def _cpu_to_gpu(self, index):
+        if isinstance(
+            faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSW
+        ):
+            raise RuntimeError("HNSW quantiser has no GPU kernels")
+        self.moves.append("to_gpu")
+        return faiss.clone_index(index)
+
+    def _gpu_to_cpu(self, index):
+        self.moves.append("to_cpu")
+        return faiss.clone_index(index)
+
+    def knn(self, queries, embeddings, k):
+        self.moves.append("knn")
+        return faiss.knn(queries, embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def clustering_index(self, d):
+        self.moves.append("clustering")
+        return faiss.IndexFlatIP(d)
+
+    def _set_gpu_params(self, index, search_params):
+        faiss.ParameterSpace().set_index_parameters(index, search_params)
+
+
+def test_gpu_branch(clustered):
+    vectors, ids = clustered
+    device = FakeGpu()
+    index, params = build_index(
+        vectors, ids, exact_threshold=1000, device=device, show_progress=False
+    )
+    assert (
+        params["device"] == "cuda"
+        and params["factory"].startswith("IVF")
+        and "HNSW" not in params["factory"]
+    )
+    assert device.moves[0] == "knn" and device.moves[1] == "to_gpu" and device.moves[-1] == "to_cpu"
+    assert params["recall"] >= 0.95
+    assert not device._moved  # everything that went to the device came back
+    # a type without GPU kernels is built on the CPU, with k-means assignment on the device
+    device = FakeGpu()
+    index, params = build_index(
+        vectors[:5000], ids[:5000], factory="IVF32_HNSW16,SQ8", device=device, show_progress=False
+    )
+    assert "to_gpu" not in device.moves and "clustering" in device.moves
+    assert faiss.extract_index_ivf(index).clustering_index is None
+    # GPU kernels take at most 2048 probes and have no HNSW quantiser to set
+    assert _clip_nprobe("nprobe=4096,quantizer_efSearch=8192") == "nprobe=2048"
+
+
+# --- the store
+
+
+def write_embeddings(
+    store: Store, release: str, modality: str, vectors, ids, model_id="test-model", parts=2
+):
+    """Embedding Parquet as the embed stage writes it (float16 unit vectors + extra columns)."""
+    half = vectors.astype(np.float16)
+    for number, rows in enumerate(np.array_split(np.arange(len(ids)), parts)):
+        table = pa.table(
+            {
+                "source_id": pa.array(ids[rows], pa.int64()),
+                "modality": pa.array([modality] * len(rows)),
+                "model_id": pa.array([model_id] * len(rows)),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(half[rows].ravel()), vectors.shape[1]
+                ),
+                "cross_chi2": pa.array(np.ones(len(rows), np.float32)),
+            }
+        )
+        write_parquet_atomic(
+            table, store.embedding_dir(release, modality) / f"part-{number:05d}.parquet"
+        )
+
+
+def store_ids(store: Store, modality: str) -> set[int]:
+    import pyarrow.parquet as pq
+
+    files = (store.root / "embeddings").glob(f"release=*/modality={modality}/part-*.parquet")
+    return {i for f in files for i in pq.read_table(f, columns=["source_id"]).column(0).to_pylist()}
+
+
+def test_store_round_trip(tmp_path, clustered):
+    vectors, ids = clustered
+    store = Store(tmp_path / "store")
+    write_embeddings(store, "DR1", "xp", vectors[:6000], ids[:6000])
+    write_embeddings(store, "DR2", "xp", vectors[5000:9000], ids[5000:9000])  # 1000 re-observed
+    write_embeddings(store, "DR1", "lrs", vectors[:800], ids[:800])
+    summary = build_store_indexes(store, exact_threshold=5000, show_progress=False)
+    assert "\n" not in summary and "xp: 9,000 vectors" in summary and "lrs: 800 vectors" in summary
+    params = json.loads((store.index_dir() / "xp.json").read_text())
+    assert params["model_id"] == "test-model" and params["releases"] == ["DR1", "DR2"]
+    assert params["factory"].startswith("IVF") and params["recall"] >= 0.95
+    assert store.read_manifest()["indexes"]["xp"]["version"] == params["version"]
+    for modality in ("xp", "lrs"):
+        rng = np.random.default_rng(5)
+        queries = rng.standard_normal((200, D)).astype(np.float32)
+        similarities, found = search_store(store, queries, modality, k=10)
+        assert found.shape == (200, 10) and np.isfinite(similarities).all()
+        assert set(found.ravel().tolist()) <= store_ids(store, modality)
+        assert (np.diff(similarities, axis=1) <= 1e-6).all()  # best first
+    _, found = search_store(store.root, vectors[7000], "xp", k=1)
+    assert found[0, 0] == ids[7000]
+    _, found = search_store(store, vectors[:2], "lrs", k=1000)  # more than the 800 there are
+    assert (found[:, 800:] == -1).all() and (found[:, :800] >= 0).all()
+
+
+def test_store_sharded_build_and_nightly_extension(tmp_path, clustered):
+    vectors, ids = clustered
+    store = Store(tmp_path / "store")
+    write_embeddings(store, "DR1", "xp", vectors[:12_000], ids[:12_000], parts=4)
+    summary = build_store_indexes(store, "xp", memory_budget_bytes=1_000_000, show_progress=False)
+    params = json.loads((store.index_dir() / "xp.json").read_text())
+    assert params["ondisk"] and (store.index_dir() / params["ivfdata"]).exists()
+    assert params["recall"] >= 0.95 and "12,000 vectors" in summary
+    write_embeddings(store, "DR2", "xp", vectors[11_000:14_000], ids[11_000:14_000])
+    summary = extend_store_indexes(store, "DR2", "xp", show_progress=False)
+    grown = json.loads((store.index_dir() / "xp.json").read_text())
+    assert grown["n"] == 14_000 and grown["added"] == 2000 and grown["releases"] == ["DR1", "DR2"]
+    assert (
+        grown["ivfdata"] != params["ivfdata"]
+        and not (store.index_dir() / params["ivfdata"]).exists()
+    )
+    assert grown["recall"] >= 0.95
+    _, found = search_store(store, vectors[13_500:13_510], "xp", k=10)
+    assert (found[:, 0] == ids[13_500:13_510]).all()
+    assert set(found.ravel().tolist()) <= store_ids(store, "xp")
+    assert "nothing new" in extend_store_indexes(store, "DR2", "xp", show_progress=False)
+
+
+def test_index_build_cli(tmp_path, clustered):
+    vectors, ids = clustered
+    store = Store(tmp_path / "store")
+    write_embeddings(store, "DR1", "xp", vectors[:1000], ids[:1000])
+    result = CliRunner().invoke(
+        app, ["index", "build", "--store", str(store.root), "--modality", "xp"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\n") == 1 and "IDMap2,Flat" in result.output
+    result = CliRunner().invoke(
+        app, ["index", "build", "--store", str(store.root), "--modality", "lrs"]
+    )
+    assert result.exit_code == 2 and "no lrs embeddings" in result.output
+    result = CliRunner().invoke(app, ["index", "build", "--store", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not a specsearch store" in result.output
