@@ -6,6 +6,7 @@ stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -59,6 +60,37 @@ def one_line_errors(func):
     return wrapper
 
 
+@contextlib.contextmanager
+def progress_bar(description: str, unit: str):
+    """A rich progress bar on stderr; yields ``advance(done, total)`` for library callbacks."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    columns = [
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeRemainingColumn(),
+    ]
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
+
+
 def not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'specsearch {command}' is not built yet ({issue})")
 
@@ -84,13 +116,27 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Random seed; the output is a function of it.")] = 0,
     release: Annotated[str, typer.Option(help="Release name written into the rows.")] = "SIM",
     anomaly_fraction: Annotated[float, typer.Option(help="Fraction of injected anomalies.")] = 0.02,
+    real_xp_fraction: Annotated[
+        float, typer.Option(help="Fraction of stars that are real Gaia XP stars (simulated LRS).")
+    ] = 0.0,
+    real_xp_split: Annotated[
+        str | None, typer.Option(help="Split of those real stars: train, val, test or train+val.")
+    ] = None,
 ) -> None:
     """Write a synthetic paired LRS + XP release as canonical shards plus truth.parquet."""
     from specsearch.simulate import simulate_release
 
-    summary = simulate_release(
-        out, n=n, seed=seed, release=release, anomaly_fraction=anomaly_fraction
-    )
+    with progress_bar("simulate", "stars") as advance:
+        summary = simulate_release(
+            out,
+            n=n,
+            seed=seed,
+            release=release,
+            anomaly_fraction=anomaly_fraction,
+            real_xp_fraction=real_xp_fraction,
+            real_xp_split=real_xp_split,
+            progress=advance,
+        )
     typer.echo(summary)
 
 
@@ -232,11 +278,14 @@ def sql(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write results here.")
     ] = None,
+    arrays: Annotated[
+        bool, typer.Option("--arrays", help="Include the spectrum arrays in the shards view.")
+    ] = False,
 ) -> None:
     """DuckDB over the store."""
     from specsearch.sql import sql_cli
 
-    sql_cli(store, query, fmt=format, attach=attach or [], output=output)
+    sql_cli(store, query, fmt=format, attach=attach or [], output=output, with_arrays=arrays)
 
 
 @app.command()

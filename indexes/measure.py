@@ -101,14 +101,20 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
     return float(np.mean(recall_per_query(found_ids, true_ids)))
 
 
-def drop_self(found_ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+def drop_self(
+    found_ids: np.ndarray, query_ids: np.ndarray, k: int, similarities: np.ndarray | None = None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """From (nq, k+1) results, each query's k results other than the query's own id.
 
-    Where the query's id is absent, the last result is dropped instead.
+    Where the query's id is absent, the last result is dropped instead. With ``similarities``
+    (nq, k+1) returns (ids, similarities), both (nq, k).
     """
     is_self = found_ids == np.asarray(query_ids)[:, None]
     order = np.argsort(is_self, axis=1, kind="stable")  # the query's own id moves last
-    return np.take_along_axis(found_ids, order, axis=1)[:, :k]
+    ids = np.take_along_axis(found_ids, order, axis=1)[:, :k]
+    if similarities is None:
+        return ids
+    return ids, np.take_along_axis(similarities, order, axis=1)[:, :k]
 
 
 # --- search-time knobs

@@ -1,83 +1,152 @@
-"""One way to print or write a result table: table (rich), csv, json or parquet."""
+"""One way to print or write a result: table (rich), csv, json or parquet.
+
+`emit_relation` streams a DuckDB relation (the result of `specsearch sql`); `emit_table` sends an
+Arrow table (search results, labels) through the same code.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
-import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from .errors import SpecsearchError
-from .store import write_parquet_atomic
+from .store import atomic_path
 
 FORMATS = ("table", "csv", "json", "parquet")
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    if isinstance(value, list):
-        return f"[{len(value)} values]"
-    return str(value)
+MAX_TABLE_ROWS = 1000
 
 
 def emit_table(
-    table: pa.Table, fmt: str = "table", output: Path | None = None, title: str | None = None
-) -> None:
-    """Print ``table`` to stdout (or write it to ``output``) in one of FORMATS."""
+    table: pa.Table, fmt: str = "table", output: str | os.PathLike | None = None, title: str | None = None
+) -> int:
+    """Print ``table`` to stdout, or write it to ``output``, in one of FORMATS. Returns rows."""
+    con = duckdb.connect()
+    return emit_relation(con.from_arrow(table), fmt, output, title=title, summary=False)
+
+
+def emit_relation(
+    relation: duckdb.DuckDBPyRelation,
+    fmt: str = "table",
+    output: str | os.PathLike | None = None,
+    title: str | None = None,
+    summary: bool = True,
+) -> int:
+    """Stream a relation out. table: rich table (first MAX_TABLE_ROWS rows); csv/json: stdout or
+    ``output``; parquet: ``output`` only. Files are written atomically. With ``summary`` a row
+    count follows (on stderr when the data itself went to stdout). Returns the number of rows.
+    """
     if fmt not in FORMATS:
-        raise SpecsearchError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if fmt == "parquet":
-        if output is None:
-            raise SpecsearchError("--format parquet needs --output FILE")
-        write_parquet_atomic(table, Path(output))
-        return
-    if fmt == "csv":
-        flat = table.select(
-            [c for c in table.column_names if not _is_nested(table.schema.field(c).type)]
-        )
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(flat, sink)
-        text = sink.getvalue().to_pybytes().decode()
-    elif fmt == "json":
-        rows = [{k: _json_value(v) for k, v in row.items()} for row in table.to_pylist()]
-        text = json.dumps(rows, default=_json_default) + "\n"
-    else:
-        text = None
-    if text is not None:
-        if output is None:
-            sys.stdout.write(text)
+        raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and output is None:
+        raise SpecsearchError("--format parquet needs --output FILE")
+    try:
+        if fmt == "table":
+            rows = _print_table(relation, output, title)
+        elif fmt == "parquet":
+            with atomic_path(Path(output)) as tmp:
+                relation.write_parquet(str(tmp), compression="zstd")
+                rows = pq.ParquetFile(tmp).metadata.num_rows
+        elif fmt == "csv":
+            rows = _write_text(relation, output, _write_csv)
         else:
-            Path(output).write_text(text)
-        return
+            rows = _write_text(relation, output, _write_json)
+    except duckdb.Error as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise SpecsearchError(f"SQL: {lines[0].strip() if lines else type(err).__name__}") from None
+    if not summary:
+        return rows
+    text = f"{rows:,} row{'s' if rows != 1 else ''}" + (f" written to {output}" if output else "")
+    if fmt == "table" and output is None:
+        shown = f" (first {MAX_TABLE_ROWS:,} shown)" if rows > MAX_TABLE_ROWS else ""
+        print(text + shown)
+    elif output is not None:
+        print(text)
+    else:
+        print(text, file=sys.stderr)
+    return rows
+
+
+def _write_text(relation, output, writer) -> int:
+    if output is not None:
+        with atomic_path(Path(output)) as tmp:
+            return writer(relation, tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / "result"
+        rows = writer(relation, tmp)
+        with open(tmp, encoding="utf-8") as f:
+            shutil.copyfileobj(f, sys.stdout)
+    sys.stdout.flush()
+    return rows
+
+
+def _write_csv(relation, path: Path) -> int:
+    relation.write_csv(str(path), header=True)
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+
+def _write_json(relation, path: Path) -> int:
+    """A JSON array of row objects; NaN and infinities become null."""
+    rows = 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        for batch in relation.to_arrow_reader(batch_size=10_000):
+            for record in batch.to_pylist():
+                f.write(",\n" if rows else "\n")
+                f.write(json.dumps(_finite(record), default=str))
+                rows += 1
+        f.write("\n]\n" if rows else "]\n")
+    return rows
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _print_table(relation, output, title: str | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # cells are data, never rich markup
 
-    view = Table(title=title, show_lines=False)
-    for name in table.column_names:
-        view.add_column(name, overflow="fold")
-    for row in table.to_pylist():
-        view.add_row(*[_cell(v) for v in row.values()])
-    console = Console(file=open(output, "w") if output else None, width=200 if output else None)
-    console.print(view)
+    table = Table(title=title, show_header=True, header_style="bold")
+    for name in relation.columns:
+        table.add_column(Text(name), overflow="fold")
+    rows = 0
+    for batch in relation.to_arrow_reader(batch_size=10_000):
+        for record in batch.to_pylist():
+            if rows < MAX_TABLE_ROWS:
+                table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
+            rows += 1
+    if output is None:
+        Console(file=sys.stdout).print(table)
+    else:
+        with atomic_path(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            Console(file=f, width=200).print(table)
+    return rows
 
 
-def _is_nested(type_: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_) or pa.types.is_struct(type_)
-    )
-
-
-def _json_value(value: object) -> object:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):  # e.g. an embedding: its first values and its length
+        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in value[:3])
+        return f"[{head}, … ({len(value)})]" if len(value) > 3 else f"[{head}]"
     return str(value)

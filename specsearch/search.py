@@ -94,20 +94,13 @@ def search_vectors(
 
     ``exclude_ids`` (q,): a star is not its own neighbour (queries from the store).
     """
-    from .indexes import load_index
+    from .indexes import drop_self, search_store
 
-    index, _ = load_index(st.index_dir(), target)
-    extra = 1 if exclude_ids is not None else 0
-    sims, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k + extra)
     if exclude_ids is None:
-        return sims[:, :k], ids[:, :k]
-    out_sims = np.full((len(ids), k), np.nan, dtype=np.float32)
-    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
-    for row, self_id in enumerate(exclude_ids):  # per query, k+1 items: not a hot loop
-        keep = ids[row] != self_id
-        out_sims[row] = sims[row][keep][:k]
-        out_ids[row] = ids[row][keep][:k]
-    return out_sims, out_ids
+        return search_store(st, vectors, target, k)
+    sims, ids = search_store(st, vectors, target, k + 1)
+    ids, sims = drop_self(ids, exclude_ids, k, similarities=sims)
+    return sims, ids
 
 
 def neighbour_catalog(st: Store, ids: np.ndarray) -> pa.Table:

@@ -28,14 +28,8 @@ FITS binary tables, ECSV and VOTable (the last three through astropy).
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import re
-import shutil
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,12 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SpecsearchError
+from .output import emit_relation
 from .schema import ARRAY_COLUMNS, LABELS, SHARD_SCHEMA
-from .store import Store, atomic_path
+from .store import Store
 
 VIEWS = ("shards", "embeddings", "scores", "neighbors", "labels")
-FORMATS = ("table", "csv", "json", "parquet")
-MAX_TABLE_ROWS = 1000
 """Rows shown by ``--format table``; the other formats write every row."""
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -291,115 +284,11 @@ def sql_cli(
 ) -> None:
     """``specsearch sql``: run a query over the store and print or write the result.
 
-    table: a rich table on stdout (first MAX_TABLE_ROWS rows) and a row count; csv/json: to
-    stdout (row count on stderr) or to ``output``; parquet: to ``output`` only.
-    Files are written atomically.
+    Output as `specsearch.output.emit_relation` writes it.
     """
-    if fmt not in FORMATS:
-        raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
-    if fmt == "parquet" and output is None:
-        raise SpecsearchError("--format parquet needs --output FILE")
     con = connect(store, parse_attach(attach or []), with_arrays=with_arrays)
     relation = query(con, query_text)
     if relation is None:
         print("OK")
         return
-    try:
-        if fmt == "table":
-            rows = _print_table(relation, output)
-        elif fmt == "parquet":
-            with atomic_path(Path(output)) as tmp:
-                relation.write_parquet(str(tmp), compression="zstd")
-                rows = pq.ParquetFile(tmp).metadata.num_rows
-        elif fmt == "csv":
-            rows = _write_text(relation, output, _write_csv)
-        else:
-            rows = _write_text(relation, output, _write_json)
-    except duckdb.Error as err:
-        raise SpecsearchError(f"SQL: {_first_line(err)}") from None
-    summary = f"{rows:,} row{'s' if rows != 1 else ''}" + (
-        f" written to {output}" if output else ""
-    )
-    if fmt == "table" and output is None:
-        shown = f" (first {MAX_TABLE_ROWS:,} shown)" if rows > MAX_TABLE_ROWS else ""
-        print(summary + shown)
-    elif output is not None:
-        print(summary)
-    else:
-        print(summary, file=sys.stderr)
-
-
-def _write_text(relation, output, writer) -> int:
-    if output is not None:
-        with atomic_path(Path(output)) as tmp:
-            return writer(relation, tmp)
-    with tempfile.TemporaryDirectory() as scratch:
-        tmp = Path(scratch) / "result"
-        rows = writer(relation, tmp)
-        with open(tmp, encoding="utf-8") as f:
-            shutil.copyfileobj(f, sys.stdout)
-    sys.stdout.flush()
-    return rows
-
-
-def _write_csv(relation, path: Path) -> int:
-    relation.write_csv(str(path), header=True)
-    with open(path, newline="", encoding="utf-8") as f:
-        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
-
-
-def _write_json(relation, path: Path) -> int:
-    """A JSON array of row objects; NaN and infinities become null."""
-    rows = 0
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("[")
-        for batch in relation.to_arrow_reader(batch_size=10_000):
-            for record in batch.to_pylist():
-                f.write(",\n" if rows else "\n")
-                f.write(json.dumps(_finite(record), default=str))
-                rows += 1
-        f.write("\n]\n" if rows else "]\n")
-    return rows
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _print_table(relation, output) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text  # cells are data, never rich markup
-
-    table = Table(show_header=True, header_style="bold")
-    for name in relation.columns:
-        table.add_column(Text(name), overflow="fold")
-    rows = 0
-    for batch in relation.to_arrow_reader(batch_size=10_000):
-        for record in batch.to_pylist():
-            if rows < MAX_TABLE_ROWS:
-                table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
-            rows += 1
-    if output is None:
-        Console(file=sys.stdout).print(table)
-    else:
-        with atomic_path(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            Console(file=f, width=200).print(table)
-    return rows
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list):  # e.g. an embedding: its first values and its length
-        head = ", ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in value[:3])
-        return f"[{head}, … ({len(value)})]" if len(value) > 3 else f"[{head}]"
-    return str(value)
+    emit_relation(relation, fmt, output)

@@ -72,4 +72,5 @@ def test_cli_translate_writes_csv(tmp_path, shard_file, tiny_model):
     )
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
-    assert lines[0].startswith('"source_id","wavelength_angstrom","predicted_flux"') and len(lines) == 1 + 20 * 1462
+    assert lines[0] == "source_id,wavelength_angstrom,predicted_flux,observed_flux,unit"
+    assert len(lines) == 1 + 20 * 1462
