@@ -40,9 +40,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     patience: int = 0  # epochs without validation improvement before stopping; 0 = never stop early
-    max_minutes: float = (
-        0.0  # stop (after the current epoch) when this wall time is spent; 0 = no limit
-    )
+    max_minutes: float = 0.0  # stop after the epoch in which this wall time is spent; 0 = no limit
+    stop_after: int = 0  # stop this run after so many epochs (resumable later); 0 = run to the end
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -197,7 +196,7 @@ class Trainer:
             )
             history = state["history"]
             self.log(f"resumed at epoch {epoch}")
-        started = time.perf_counter()
+        started, first_epoch = time.perf_counter(), epoch
         metrics_path = self.out / METRICS_FILE
         while epoch < cfg.epochs:
             self.model.train()
@@ -256,5 +255,8 @@ class Trainer:
                 break
             if cfg.max_minutes and (time.perf_counter() - started) / 60 > cfg.max_minutes:
                 self.log(f"time budget of {cfg.max_minutes} min spent")
+                break
+            if cfg.stop_after and epoch - first_epoch >= cfg.stop_after:
+                self.log(f"stopped after {cfg.stop_after} epoch(s); resume to continue")
                 break
         return {"best": best, "epochs": epoch, "history": history}

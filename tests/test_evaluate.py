@@ -1,0 +1,202 @@
+"""The pure functions of benchmarks/evaluate.py (no trained model needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EVALUATE_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
+
+
+def _load_evaluate():
+    spec = importlib.util.spec_from_file_location("benchmark_evaluate", EVALUATE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = _load_evaluate()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+# --- robust statistics and calibration
+
+
+def test_robust_stats_of_a_gaussian_sample():
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(4000, 6000, 20000)
+    pred = ref + 0.5 + rng.normal(0.0, 2.0, ref.size)
+    stats = ev.robust_stats(pred, ref)
+    assert stats["n"] == 20000
+    assert stats["sigma"] == pytest.approx(2.0, rel=0.05)
+    assert stats["bias"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_robust_stats_ignores_outliers_and_nan():
+    rng = np.random.default_rng(2)
+    resid = rng.normal(0.0, 1.0, 5000)
+    resid[:100] = 1e4  # 2% wild outliers barely move a biweight scale
+    ref = np.zeros(5100)
+    pred = np.concatenate([resid, np.full(100, np.nan)])
+    ref[5000:5050] = np.nan
+    stats = ev.robust_stats(pred, ref)
+    assert stats["n"] == 5000
+    assert stats["sigma"] == pytest.approx(1.0, rel=0.06)
+    assert math.isnan(ev.robust_stats([1.0], [np.nan])["sigma"])
+
+
+def test_calibration_fraction_on_hand_made_and_gaussian_errors():
+    pred = np.array([0.5, 1.5, 2.5, 9.0, 1.0])
+    ref = np.zeros(5)
+    sigma = np.array([1.0, 1.0, 1.0, np.nan, 0.0])  # the last two rows are not scored
+    assert ev.calibration_fraction(pred, ref, sigma) == pytest.approx(1 / 3)
+    rng = np.random.default_rng(3)
+    sigma = rng.uniform(0.5, 2.0, 40000)
+    pred = rng.normal(0.0, sigma)
+    assert ev.calibration_fraction(pred, np.zeros_like(pred), sigma) == pytest.approx(
+        0.6827, abs=0.01
+    )
+    # errors twice too small: 38% inside, residuals twice the claimed scale
+    assert ev.calibration_fraction(pred, 0 * pred, sigma / 2) == pytest.approx(0.383, abs=0.01)
+    assert ev.normalised_residual_scale(pred, 0 * pred, sigma / 2) == pytest.approx(2.0, rel=0.05)
+    assert math.isnan(ev.calibration_fraction([1.0], [0.0], [np.nan]))
+
+
+def test_quadrature():
+    assert ev.quadrature(np.array([3.0]), np.array([4.0]))[0] == pytest.approx(5.0)
+
+
+# --- retrieval
+
+
+def test_retrieval_of_identical_embeddings_is_perfect():
+    emb = unit_vectors(500, 16)
+    result = ev.retrieval_accuracy(emb, emb, chunk=64)
+    assert result["top1"] == 1.0 and result["top10"] == 1.0
+    assert result["median_rank"] == 0.0
+    assert result["chance_top10"] == pytest.approx(10 / 500)
+
+
+def test_retrieval_of_a_known_permutation():
+    emb = unit_vectors(400, 32, seed=4)
+    perm = np.random.default_rng(5).permutation(400)
+    perm[:100] = np.arange(100)  # 100 fixed points and then whatever the rest gives
+    fixed = float(np.mean(perm == np.arange(400)))
+    # query i's best candidate is the j with perm[j] == i: correct only at a fixed point
+    result = ev.retrieval_accuracy(emb, emb[perm], ks=(1,))
+    assert result["top1"] == pytest.approx(fixed)
+    # scaling does not matter: rows are L2-normalised
+    assert ev.retrieval_accuracy(3.0 * emb, emb[perm], ks=(1,))["top1"] == pytest.approx(fixed)
+
+
+def test_partner_ranks_on_a_hand_made_score_matrix():
+    n = 50
+    # scores[i, j]: 0.5 for the partner (j == i), 1 for j > i, 0 for j < i -> rank n - 1 - i
+    scores = np.triu(np.ones((n, n)), k=1) + 0.5 * np.eye(n)
+    query, candidates = np.eye(n), scores.T
+    ranks = ev.partner_ranks(query, candidates, chunk=7)
+    np.testing.assert_array_equal(ranks, n - 1 - np.arange(n))
+    # top-k accuracy is then exactly k / n
+    assert np.mean(ranks < 10) == pytest.approx(10 / n)
+
+
+def test_partner_ranks_do_not_depend_on_the_chunk():
+    a, b = unit_vectors(300, 8, seed=6), unit_vectors(300, 8, seed=7)
+    np.testing.assert_array_equal(ev.partner_ranks(a, b, chunk=1), ev.partner_ranks(a, b, 1000))
+    with pytest.raises(ValueError):
+        ev.partner_ranks(a, b[:10])
+
+
+# --- summaries and verdicts
+
+
+def test_percentile_summary():
+    values = np.concatenate([np.arange(101.0), [np.nan, np.inf]])
+    s = ev.percentile_summary(values)
+    assert s == {"n": 101, "median": 50.0, "p16": 16.0, "p84": 84.0}
+    assert ev.percentile_summary(np.array([np.nan]))["n"] == 0
+
+
+def test_anchor_verdicts_and_wins():
+    assert ev.anchor_verdict(85.0, 90.0) == "pass"
+    assert ev.anchor_verdict(0.2, 0.15) == "fail"
+    assert ev.anchor_verdict(0.05, None) == "n/a"
+    assert ev.anchor_verdict(float("nan"), 0.1) == "n/a"
+    model = {"teff": 80.0, "logg": 0.2, "fe_h": 0.1, "alpha_m": float("nan")}
+    baselines = {
+        "a": {"teff": 100.0, "logg": 0.1, "fe_h": 0.2, "alpha_m": 0.05},
+        "b": {"teff": 90.0, "logg": 0.3, "fe_h": 0.05, "alpha_m": 0.05},
+    }
+    assert ev.labels_beating_baselines(model, baselines) == ["teff"]
+
+
+def test_enough_stars_are_simulated_for_the_test_split():
+    assert ev.simulated_test_fraction() == pytest.approx(1 / 7)
+    assert ev.n_to_simulate(10_000) < 1.06 * 10_000 * 7  # and not wastefully many
+    for wanted in (100, 10_000):
+        n = ev.n_to_simulate(wanted)
+        p = ev.simulated_test_fraction()
+        expected, sigma = n * p, math.sqrt(n * p * (1 - p))
+        assert expected - 4.9 * sigma >= wanted
+
+
+def test_format_table_aligns_columns():
+    text = ev.format_table(["a", "bb"], [[1, 2.5], ["long", "x"]])
+    lines = text.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert ev.fmt(5123.4, "teff") == "5123" and ev.fmt(0.12345, "logg") == "0.123"
+    assert ev.fmt(float("nan")) == "-"
+
+
+# --- baselines
+
+
+def test_raw_xp_features_normalise_by_the_500_600_nm_mean():
+    flux = np.full((2, 343), 3e-17)
+    flux[1] *= 10
+    features = ev.raw_xp_features(flux)
+    assert features.shape == (2, 344) and features.dtype == np.float32
+    np.testing.assert_allclose(features[:, :343], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(features[:, 343], np.log10([3e-17, 3e-16]), rtol=1e-5)
+
+
+def test_masked_mse_skips_unknown_labels():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[0.0, float("nan")], [3.0, 2.0]])
+    loss = ev.masked_mse(pred, target)
+    assert loss.item() == pytest.approx((1.0 + 0.0 + 4.0) / 3)
+    loss.backward()
+    assert pred.grad[0, 1] == 0 and torch.isfinite(pred.grad).all()
+
+
+def test_mlp_baseline_learns_a_linear_map_with_missing_labels():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((600, 5)).astype(np.float32)
+    y = np.column_stack([x @ [1.0, -2.0, 0.5, 0.0, 0.0], 100 * x[:, 0] + 5000]).astype(np.float32)
+    y[::3, 1] = np.nan
+    predict = ev.fit_mlp_baseline(
+        x[:400], y[:400], x[400:500], y[400:500], hidden=(32,), max_epochs=60, batch_size=64
+    )
+    predicted = predict(x[500:])
+    assert np.all(np.isfinite(predicted))  # predicted where the label is unknown too
+    resid = predicted - y[500:]
+    assert np.nanstd(resid[:, 0]) < 0.25 * np.std(y[:, 0])
+    assert np.nanstd(resid[:, 1]) < 0.25 * np.nanstd(y[:, 1])
