@@ -120,13 +120,14 @@ def _finite(value):
 
 
 def _print_table(relation, output, title: str | None = None) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # cells are data, never rich markup
 
-    table = Table(title=title, show_header=True, header_style="bold")
+    table = Table(title=title, show_header=True, header_style="bold", box=box.SIMPLE_HEAD)
     for name in relation.columns:
-        table.add_column(Text(name), overflow="fold")
+        table.add_column(Text(name), overflow="fold", no_wrap=name.endswith("id"))
     rows = 0
     for batch in relation.to_arrow_reader(batch_size=10_000):
         for record in batch.to_pylist():
@@ -134,7 +135,7 @@ def _print_table(relation, output, title: str | None = None) -> int:
                 table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
             rows += 1
     if output is None:
-        Console(file=sys.stdout).print(table)
+        Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160).print(table)
     else:
         with atomic_path(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             Console(file=f, width=200).print(table)
@@ -145,7 +146,7 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return "nan" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, list):  # e.g. an embedding: its first values and its length
         head = ", ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in value[:3])
         return f"[{head}, … ({len(value)})]" if len(value) > 3 else f"[{head}]"

@@ -205,5 +205,14 @@ def search_cli(
         store, source_ids=ids, spectrum=spectrum, modality=modality, target=target, k=k, model=model
     )
     elapsed = time.perf_counter() - start
-    title = f"{k} nearest {target or modality.upper()} neighbours ({modality} query) in {elapsed * 1000:.0f} ms"
+    target = target or modality
+    title = (
+        f"{k} nearest {target.upper()} neighbours of a {modality.upper()} query "
+        f"({elapsed * 1000:.0f} ms)"
+    )
+    if fmt == "table":  # the screen gets the columns a reader scans; files get every column
+        shown = ["rank", "neighbor_id", "similarity", "release", *LABELS]
+        if len(np.unique(table.column("query_id").to_numpy())) > 1:
+            shown.insert(0, "query_id")
+        table = table.select(shown)
     emit_table(table, fmt, output, title=title)

@@ -1,0 +1,82 @@
+"""Make a large store of real model embeddings for the search benchmarks.
+
+N simulated stars (labels bootstrapped from the real train split, XP spectra from the emulator
+with the real noise model) are encoded by a SpecCLIP model's XP encoder, in batches, and written
+as a store: catalog-only shards (source_id, release, labels; no spectra, to keep the disk small)
+and XP embedding Parquet in the embed stage's format. Source ids skip the reserved bucket.
+
+    python benchmarks/make_embedding_store.py --store /tmp/store1m --n 1000000 [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+BATCH = 20_000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    from specsearch.embed import embedding_schema
+    from specsearch.inference import SpecCLIPRunner
+    from specsearch.schema import make_shard_table
+    from specsearch.splits import RESERVED_BUCKET, bucket
+    from specsearch.store import Store, write_parquet_atomic
+    from specsearch.xp_emulator import XPEmulator
+
+    rng = np.random.default_rng(args.seed)
+    emulator = XPEmulator.load_default()
+    runner = SpecCLIPRunner(args.model, device="cpu", batch_size=4096)
+    store = Store(args.store)
+    release = "BENCH"
+    candidates = np.arange(1, int(args.n * 1.2) + 2, dtype=np.int64) * 977 + 10**15
+    source_ids = candidates[bucket(candidates) != RESERVED_BUCKET][: args.n]
+    shards, t0 = [], time.perf_counter()
+    emb_dir = store.embedding_dir(release, "xp")
+    schema = embedding_schema(runner.embed_dim)
+    for part, start in enumerate(range(0, args.n, BATCH)):
+        ids = source_ids[start : start + BATCH]
+        labels = emulator.sample_labels(len(ids), rng)
+        flux, error = emulator.sample_spectrum(
+            labels["teff"], labels["logg"], labels["fe_h"], labels["alpha_m"], labels["extinction"],
+            g_mag=labels["g_mag"], rng=rng,
+        )
+        vectors = runner.encode_xp(flux, error)
+        n = len(ids)
+        columns = {field.name: pa.nulls(n, field.type) for field in schema}
+        columns["source_id"] = pa.array(ids, pa.int64())
+        columns["modality"] = pa.array(["xp"] * n, pa.string())
+        columns["model_id"] = pa.array([runner.model_id] * n, pa.string())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.astype(np.float16).ravel(), pa.float16()), runner.embed_dim
+        )
+        write_parquet_atomic(pa.table(columns, schema=schema), emb_dir / f"part-00000-r{start:08d}.parquet")
+        known = labels["metallicity_known"]
+        shards.append(make_shard_table(ids, release, labels={
+            "teff": labels["teff"], "logg": labels["logg"],
+            "fe_h": np.where(known, labels["fe_h"], np.nan), "alpha_m": np.where(known, labels["alpha_m"], np.nan),
+        }))
+        done = start + n
+        print(f"\r{done:,}/{args.n:,} stars, {done / (time.perf_counter() - t0):,.0f} stars/s", end="", flush=True)
+    print()
+    store.write_release(release, shards, rows_per_file=250_000)
+    manifest = store.read_manifest()
+    manifest["embeddings_model"] = runner.model_id
+    store.write_manifest(manifest)
+    print(f"store {args.store}: {args.n:,} stars with {runner.model_id} XP embeddings "
+          f"in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
