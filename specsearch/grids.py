@@ -136,13 +136,14 @@ def continuum_lrs(
         smooth = savgol_filter(smooth, window_length=window, polyorder=3, axis=-1, mode="interp")
     x = np.linspace(-1.0, 1.0, m)
     design = np.vander(x, degree + 1, increasing=True)  # (m, d)
+    d = degree + 1
+    outer = (design[:, :, None] * design[:, None, :]).reshape(m, d * d)  # (m, d*d)
     weight = good.astype(np.float64)
     continuum = np.repeat(row_median[:, None], m, axis=1)
     for _ in range(n_iter):
-        # batched weighted normal equations: (A^T W A) c = A^T W y
-        ata = np.einsum("md,nm,me->nde", design, weight, design)
-        aty = np.einsum("md,nm,nm->nd", design, weight, smooth)
-        ata += 1e-9 * np.eye(degree + 1)[None]
+        # batched weighted normal equations (A^T W A) c = A^T W y, as two matrix products
+        ata = (weight @ outer).reshape(n, d, d) + 1e-9 * np.eye(d)[None]
+        aty = (weight * smooth) @ design
         coeff = np.linalg.solve(ata, aty[..., None])[..., 0]
         continuum = coeff @ design.T
         resid = smooth - continuum

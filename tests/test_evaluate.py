@@ -80,6 +80,31 @@ def test_calibration_fraction_on_hand_made_and_gaussian_errors():
     assert math.isnan(ev.calibration_fraction([1.0], [0.0], [np.nan]))
 
 
+def test_label_metrics_score_every_method_on_the_same_stars():
+    rng = np.random.default_rng(9)
+    n = 4000
+    truth = rng.uniform(-1.0, 0.5, n)
+    truth[:500] = np.nan  # e.g. [Fe/H] of hot stars: unknown
+    truth_err = np.full(n, 0.05)
+    sigma = np.full(n, 0.1)
+    model = truth + rng.normal(0.0, 0.1, n)
+    baseline = truth + 0.2 + rng.normal(0.0, 0.3, n)
+    baseline[500:600] = np.nan  # a baseline without an answer drops the star for everyone
+    entry = ev.label_metrics(
+        truth, truth_err, {ev.MODEL_KEY: model, "baseline_mlp": baseline}, sigma
+    )
+    assert entry[ev.MODEL_KEY]["n"] == entry["baseline_mlp"]["n"] == 3400
+    assert entry[ev.MODEL_KEY]["sigma"] == pytest.approx(0.1, rel=0.06)
+    assert entry["baseline_mlp"]["sigma"] == pytest.approx(0.3, rel=0.06)
+    assert entry["baseline_mlp"]["bias"] == pytest.approx(0.2, abs=0.02)
+    model_entry = entry[ev.MODEL_KEY]
+    assert model_entry["calib_frac_sigma_pred"] == pytest.approx(0.683, abs=0.025)
+    # with the 0.05 reference error added in quadrature: |N(0,1)| < 1.118
+    assert model_entry["calib_frac_sigma_pred_plus_apogee"] == pytest.approx(0.736, abs=0.025)
+    assert model_entry["normalised_resid_scale"] == pytest.approx(1.0, rel=0.06)
+    assert entry["median_apogee_err"] == pytest.approx(0.05)
+
+
 def test_quadrature():
     assert ev.quadrature(np.array([3.0]), np.array([4.0]))[0] == pytest.approx(5.0)
 
