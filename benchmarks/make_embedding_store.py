@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> None:
         ids = source_ids[start : start + BATCH]
         labels = emulator.sample_labels(len(ids), rng)
         flux, error = emulator.sample_spectrum(
-            labels["teff"], labels["logg"], labels["fe_h"], labels["alpha_m"], labels["extinction"],
-            g_mag=labels["g_mag"], rng=rng,
+            labels["teff"],
+            labels["logg"],
+            labels["fe_h"],
+            labels["alpha_m"],
+            labels["extinction"],
+            g_mag=labels["g_mag"],
+            rng=rng,
         )
         vectors = runner.encode_xp(flux, error)
         n = len(ids)
@@ -61,21 +66,39 @@ def main(argv: list[str] | None = None) -> None:
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.astype(np.float16).ravel(), pa.float16()), runner.embed_dim
         )
-        write_parquet_atomic(pa.table(columns, schema=schema), emb_dir / f"part-00000-r{start:08d}.parquet")
+        write_parquet_atomic(
+            pa.table(columns, schema=schema),
+            emb_dir / f"part-00000-r{start:08d}.parquet",
+            row_group_size=4096,
+        )
         known = labels["metallicity_known"]
-        shards.append(make_shard_table(ids, release, labels={
-            "teff": labels["teff"], "logg": labels["logg"],
-            "fe_h": np.where(known, labels["fe_h"], np.nan), "alpha_m": np.where(known, labels["alpha_m"], np.nan),
-        }))
+        shards.append(
+            make_shard_table(
+                ids,
+                release,
+                labels={
+                    "teff": labels["teff"],
+                    "logg": labels["logg"],
+                    "fe_h": np.where(known, labels["fe_h"], np.nan),
+                    "alpha_m": np.where(known, labels["alpha_m"], np.nan),
+                },
+            )
+        )
         done = start + n
-        print(f"\r{done:,}/{args.n:,} stars, {done / (time.perf_counter() - t0):,.0f} stars/s", end="", flush=True)
+        print(
+            f"\r{done:,}/{args.n:,} stars, {done / (time.perf_counter() - t0):,.0f} stars/s",
+            end="",
+            flush=True,
+        )
     print()
     store.write_release(release, shards, rows_per_file=250_000)
     manifest = store.read_manifest()
     manifest["embeddings_model"] = runner.model_id
     store.write_manifest(manifest)
-    print(f"store {args.store}: {args.n:,} stars with {runner.model_id} XP embeddings "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"store {args.store}: {args.n:,} stars with {runner.model_id} XP embeddings "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

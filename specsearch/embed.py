@@ -195,7 +195,7 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
     for modality, path in chunk_outputs(store, chunk).items():
         rows = _modality_rows(modality, source_id, present, out, observed, align_cos, model_id)
         rows = rows.replace_schema_metadata(metadata)
-        write_parquet_atomic(rows, path)
+        write_parquet_atomic(rows, path, row_group_size=4096)
         counts[modality] = rows.num_rows
     return counts
 
