@@ -137,6 +137,7 @@ def published_config(variant: str = "pr", base: str | dict = "paper") -> SpecCLI
     cfg.lrs.attention_scale = "linear"
     cfg.xp_oae.residual = False
     cfg.xp_oae.norm_stat_input = False
+    cfg.xp_oae.log_moments = False
     cfg.xp_encoder = "oae"
     cfg.clip.variant = variant
     cfg.clip.learn_temperature = False

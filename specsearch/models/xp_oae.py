@@ -32,6 +32,9 @@ class XPAutoencoderConfig:
     dropout: float = 0.0
     residual: bool = True  # published: False
     norm_stat_input: bool = True  # log10(norm) as one more input (published: absent)
+    # asinh(mean) and log10(std) instead of mean and std (published: raw). Red or reddened stars
+    # have flux / norm up to ~1e3 in the far red, and raw moments then dominate the MSE.
+    log_moments: bool = True
 
     @property
     def input_dim(self) -> int:
@@ -81,10 +84,14 @@ class XPAutoencoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def input_vector(self, xp_x: torch.Tensor, xp_stats: torch.Tensor) -> torch.Tensor:
-        """(n, 343) normalised flux + (n, 1) log10 norm -> (n, input_dim) [mean, std, z, (log norm)]."""
+        """(n, 343) normalised flux + (n, 1) log10 norm -> (n, input_dim) [mean, std, z, (log norm)].
+
+        With ``log_moments`` the first two are asinh(mean) and log10(std).
+        """
         mean = xp_x.mean(dim=1, keepdim=True)
         std = xp_x.std(dim=1, keepdim=True).clamp_min(1e-6)  # unbiased, as published
-        parts = [mean, std, (xp_x - mean) / std]
+        moments = [torch.asinh(mean), torch.log10(std)] if self.config.log_moments else [mean, std]
+        parts = [*moments, (xp_x - mean) / std]
         if self.config.norm_stat_input:
             parts.append(xp_stats[:, :1])
         return torch.cat(parts, dim=1)
@@ -92,7 +99,10 @@ class XPAutoencoder(nn.Module):
     def flux_from_vector(self, vector: torch.Tensor) -> torch.Tensor:
         """Inverse of `input_vector` for the spectrum: (n, input_dim) -> (n, 343) flux / norm."""
         n_pix = self.config.n_pixels
-        return vector[:, 2 : 2 + n_pix] * vector[:, 1:2] + vector[:, 0:1]
+        mean, std = vector[:, 0:1], vector[:, 1:2]
+        if self.config.log_moments:
+            mean, std = torch.sinh(mean), 10.0**std
+        return vector[:, 2 : 2 + n_pix] * std + mean
 
     def encode_vector(self, vector: torch.Tensor) -> torch.Tensor:
         h = self.input_proj(vector)

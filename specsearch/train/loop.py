@@ -198,6 +198,8 @@ class Trainer:
             self.log(f"resumed at epoch {epoch}")
         started, first_epoch = time.perf_counter(), epoch
         metrics_path = self.out / METRICS_FILE
+        if epoch == 0:
+            metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
         while epoch < cfg.epochs:
             self.model.train()
             torch.manual_seed(cfg.seed * 1000 + epoch)
