@@ -406,9 +406,11 @@ class SpecCLIPRunner:
                 weighted = np.sum(
                     [w * np.nan_to_num(m) for w, (m, _) in zip(weights, parts, strict=True)], axis=0
                 )
-                out["labels"][label] = np.where(total > 0, weighted / total, np.nan).astype(
-                    np.float32
-                )
+                combined = np.where(total > 0, weighted / total, np.nan)
+                # a star seen by one modality gets that modality's value exactly
+                for (mean, _), w in zip(parts, weights, strict=True):
+                    combined = np.where((w > 0) & (w == total), mean, combined)
+                out["labels"][label] = combined.astype(np.float32)
                 out["labels"][f"{label}_err"] = np.where(
                     total > 0, 1.0 / np.sqrt(total), np.nan
                 ).astype(np.float32)

@@ -437,3 +437,23 @@ def test_l1_reconstruction_uses_good_pixels_only():
     expected = F.l1_loss(pred[:, 700:], z_bad[:, 700:])
     torch.testing.assert_close(masked["recon_lrs"], expected)
     assert full["recon_lrs"] != masked_clean["recon_lrs"]  # ... but does change the unmasked ones
+
+
+def test_sigma_calibration_rescales_to_unit_spread():
+    torch.manual_seed(0)
+    head = LabelHead(16, LabelHeadConfig(hidden=(8,), dropout=0.0)).eval()
+    head.set_scaler([5000.0, 4.0, 0.0, 0.1], [500.0, 0.5, 0.3, 0.1])
+    features = torch.randn(4000, 16)
+    with torch.no_grad():
+        mean, sigma = head.predict(features)
+    # references scattered by 2 sigma for teff and 0.5 sigma for logg; fe_h unknown
+    noise = torch.randn(4000, 4)
+    labels = mean + noise * sigma * torch.tensor([2.0, 0.5, 1.0, 1.0])
+    labels[:, 2] = float("nan")
+    factors = head.calibrate_sigma(features, labels)
+    assert factors[0] == pytest.approx(2.0, rel=0.06) and factors[1] == pytest.approx(0.5, rel=0.06)
+    assert factors[2] == 1.0  # no known labels: left alone
+    with torch.no_grad():
+        _, calibrated = head.predict(features)
+    within = ((labels[:, 0] - mean[:, 0]).abs() < calibrated[:, 0]).float().mean()
+    assert within == pytest.approx(0.683, abs=0.03)

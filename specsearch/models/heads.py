@@ -49,6 +49,8 @@ class LabelHead(nn.Module):
         self.register_buffer("label_mean", torch.zeros(n_labels))
         self.register_buffer("label_std", torch.ones(n_labels))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # per-label factor on the predicted sigma, set on validation data (`calibrate_sigma`)
+        self.register_buffer("sigma_scale", torch.ones(n_labels))
 
     def set_scaler(self, mean, std) -> None:
         """Store the training labels' per-label mean and std (physical units) and mark fitted."""
@@ -70,7 +72,24 @@ class LabelHead(nn.Module):
     def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mean, sigma), each (n, n_labels), in the labels' physical units."""
         mean, logvar = self.forward(features)
-        return mean * self.label_std + self.label_mean, torch.exp(0.5 * logvar) * self.label_std
+        sigma = torch.exp(0.5 * logvar) * self.label_std * self.sigma_scale
+        return mean * self.label_std + self.label_mean, sigma
+
+    @torch.no_grad()
+    def calibrate_sigma(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scale each label's sigma so that |pred - ref| / sigma has the spread of a unit Gaussian
+        on held-out stars (1.4826 x median |z| = 1). labels: (n, n_labels), NaN = unknown.
+        Returns the factors (n_labels,)."""
+        self.sigma_scale.fill_(1.0)
+        mean, sigma = self.predict(features)
+        z = (mean - labels).abs() / sigma
+        factors = torch.ones_like(self.sigma_scale)
+        for j in range(z.shape[1]):
+            known = torch.isfinite(z[:, j])
+            if known.sum() >= 20:
+                factors[j] = 1.4826 * z[known, j].median()
+        self.sigma_scale.copy_(factors)
+        return factors
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Gaussian NLL averaged over the known labels. labels: (n, n_labels), NaN = unknown."""

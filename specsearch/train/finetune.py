@@ -102,6 +102,12 @@ def finetune(
             )
         if trainer.best_state is not None:  # keep the epoch with the best validation NLL
             wrapper.load_state_dict(trainer.best_state)
+        head.eval()
+        factors = head.calibrate_sigma(x_val, torch.from_numpy(val.labels))
+        log(
+            f"finetune {mod}: sigma calibration factors on val "
+            + ", ".join(f"{f:.2f}" for f in factors.tolist())
+        )
         model.label_heads[mod] = head.cpu()
     model.cpu()
     card = {
