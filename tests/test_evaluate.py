@@ -189,6 +189,10 @@ def test_format_table_aligns_columns():
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert ev.fmt(5123.4, "teff") == "5123" and ev.fmt(0.12345, "logg") == "0.123"
     assert ev.fmt(float("nan")) == "-"
+    assert ev.fmt(-0.09, "teff") == "0" and ev.fmt(-0.0004, "logg") == "0.000"
+    assert ev.verdict_text(0.15034, 0.15, "fe_h") == "fail: 0.1503 > 0.15"
+    assert ev.verdict_text(85.2, 90.0, "teff") == "pass: 85 <= 90"
+    assert ev.verdict_text(0.05, None, "alpha_m") == "n/a"
 
 
 # --- baselines

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpecsearchError
+from ..store import atomic_path
 from .clip import SpecCLIPModel
 from .configs import SpecCLIPConfig, config_to_dict, get_config, sub_config_from_dict
 from .specformer import SpecFormer, SpecFormerConfig
@@ -46,6 +46,9 @@ ALIASES = {
     "xp-transformer": "xp_transformer",
     "clip": "specclip",
 }
+
+
+OPTIONAL_BUFFERS = (".sigma_scale",)
 
 
 def canonical_kind(kind: str) -> str:
@@ -83,13 +86,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -169,6 +167,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.
             f"{weights}: cannot read safetensors ({str(err).splitlines()[0]})"
         ) from None
     model = KINDS[kind][0](config)
+    # buffers added after a model was saved keep their initial value (e.g. sigma_scale = 1)
+    defaults = {k: v for k, v in model.state_dict().items() if k.endswith(OPTIONAL_BUFFERS)}
+    state = {**defaults, **state}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

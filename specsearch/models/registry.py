@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..errors import SpecsearchError
@@ -114,12 +115,15 @@ def list_models_cli() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     models = list_models()
     if not models:
         console.print(f"no models installed (shipped: {SHIPPED_DIR}, user: {user_models_dir()})")
         return
-    table = Table("id", "source", "kind", "config", "variant", "dim", "description")
+    table = Table()
+    table.add_column("id", no_wrap=True)  # kept whole: it is what users type
+    for name in ("source", "kind", "config", "variant", "dim", "description"):
+        table.add_column(name)
     for m in models:
         default = " (default)" if m["id"] == DEFAULT_MODEL_ID else ""
         table.add_row(
