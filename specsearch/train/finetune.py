@@ -83,8 +83,12 @@ def finetune(
             )
         log(f"finetune {mod}: {len(train)} train, {len(val)} val stars")
         head = model.label_heads[mod]
-        std = np.nanstd(train.labels, axis=0)
-        head.set_scaler(np.nanmean(train.labels, axis=0), np.where(std > 0, std, 1.0))
+        known = np.isfinite(train.labels)
+        count = np.maximum(known.sum(axis=0), 1)
+        mean = np.where(known, train.labels, 0.0).sum(axis=0) / count
+        std = np.sqrt(np.where(known, (train.labels - mean) ** 2, 0.0).sum(axis=0) / count)
+        # a label no training star has keeps a unit scaler (its head output is then unused)
+        head.set_scaler(mean, np.where(std > 0, std, 1.0))
         x_train, x_val = features(model, train, mod, dev), features(model, val, mod, dev)
         wrapper = _HeadOnly(head)
         with tempfile.TemporaryDirectory() as scratch:  # the head's optimiser checkpoints
