@@ -103,7 +103,9 @@ def xp_inputs(xp_flux) -> dict[str, np.ndarray]:
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN row
         norm = xp_norm(flux)
         x, stats = xp_model_input(flux)
-    present = np.isfinite(norm)
+    # a norm so close to 0 that flux / norm overflows is no usable spectrum either
+    present = np.isfinite(norm) & np.isfinite(x).all(axis=1) & (np.abs(x) < 1e30).all(axis=1)
+    x = np.where(present[:, None], x, 0.0).astype(np.float32)
     return {"x": x, "stats": stats, "norm": norm.astype(np.float32), "present": present}
 
 
