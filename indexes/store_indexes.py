@@ -440,7 +440,10 @@ def load_store_index(store: Store | str | os.PathLike, modality: str) -> tuple[f
     version = read_params(index_dir, modality).get("version")
     cached = _LOADED.get(key)
     if cached is None or cached[0] != version:
-        index, params = load_index(index_dir, modality)
+        # memory-mapped: a one-off CLI query touches a few lists, not the whole file (7 ms vs
+        # 0.2 s at 1M). Indexes with on-disk lists (.ivfdata) are mapped by load_index already.
+        on_disk = bool(read_params(index_dir, modality).get("ivfdata"))
+        index, params = load_index(index_dir, modality, mmap=None if on_disk else True)
         _LOADED[key] = (params["version"], index, params)
         cached = _LOADED[key]
     return cached[1], cached[2]
