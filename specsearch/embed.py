@@ -110,9 +110,15 @@ def chunk_is_done(store: Store, chunk: Chunk, model_id: str) -> bool:
 
 
 def _read_chunk(chunk: Chunk) -> pa.Table:
+    """The chunk's rows, reading only the row groups that hold them (memory stays per chunk)."""
     columns = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
-    table = pq.read_table(chunk.shard_path, columns=columns)
-    return table.slice(chunk.start, chunk.stop - chunk.start)
+    shard = pq.ParquetFile(chunk.shard_path)
+    sizes = [shard.metadata.row_group(i).num_rows for i in range(shard.num_row_groups)]
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    groups = [i for i in range(len(sizes)) if starts[i] < chunk.stop and ends[i] > chunk.start]
+    table = shard.read_row_groups(groups, columns=columns)
+    return table.slice(chunk.start - int(starts[groups[0]]), chunk.stop - chunk.start)
 
 
 def _modality_rows(
