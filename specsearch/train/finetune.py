@@ -15,9 +15,10 @@ import torch
 import typer
 
 from ..errors import SpecsearchError
+from ..inference import choose_device
 from ..models.factory import load_model, save_model
 from .data import SpectraArrays, load_arrays
-from .loop import TrainConfig, Trainer, resolve_device
+from .loop import TrainConfig, Trainer
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def finetune(
     if not set(modalities) <= {"lrs", "xp"}:
         raise SpecsearchError(f"--modality must be lrs, xp or both, not {modality!r}")
     cfg = cfg or TrainConfig(epochs=30)
-    dev = resolve_device(device)
+    dev = choose_device(device)
     model = load_model(model_dir)
     results = {}
     for mod in modalities:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpecsearchError
+from ..inference import choose_device
 from ..store import atomic_path, write_json_atomic
 
 STATE_FILE = "train_state.json"
@@ -42,16 +42,6 @@ class TrainConfig:
     patience: int = 0  # epochs without validation improvement before stopping; 0 = never stop early
     max_minutes: float = 0.0  # stop after the epoch in which this wall time is spent; 0 = no limit
     stop_after: int = 0  # stop this run after so many epochs (resumable later); 0 = run to the end
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpecsearchError("--device cuda: no CUDA device is available")
-    if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return torch.device(device)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -108,7 +98,7 @@ class Trainer:
     ):
         self.model, self.loss_fn, self.save_fn = model, loss_fn, save_fn
         self.out, self.cfg, self.log = Path(out), cfg, log
-        self.device = resolve_device(device)
+        self.device = choose_device(device)
         self.model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
