@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from specsearch import lrs_synth, simulate
 from specsearch.schema import make_shard_table
+from specsearch.store import parquet_options
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -89,13 +90,7 @@ def stage_times(n: int, repeat: int) -> dict[str, float]:
         out["write_parquet"] = best_of(
             repeat,
             lambda: pq.write_table(
-                tab,
-                path,
-                compression="zstd",
-                compression_level=1,
-                use_dictionary=["release"],
-                column_encoding=simulate.ARRAY_ENCODING,
-                row_group_size=simulate.ROW_GROUP_SIZE,
+                tab, path, row_group_size=simulate.ROW_GROUP_SIZE, **parquet_options(tab.schema)
             ),
         )
         out["bytes_per_star"] = path.stat().st_size / n

@@ -159,7 +159,7 @@ def iter_embeddings(
     with progress(f"reading {embedding_set.modality} embeddings", total, show_progress) as advance:
         for path, keep in chosen:
             start = 0
-            for batch in pq.ParquetFile(path).iter_batches(
+            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(
                 batch_size, columns=["source_id", "embedding"]
             ):
                 rows = keep[start : start + batch.num_rows]

@@ -107,10 +107,7 @@ def main() -> None:
             write_parquet_atomic(
                 compact(table),
                 target / "part-00000.parquet",
-                compression="zstd",
                 compression_level=19,
-                use_dictionary=["release"],
-                column_encoding=simulate.ARRAY_ENCODING,
                 row_group_size=1024,
             )
         truth = pq.read_table(Path(tmp) / "truth.parquet")

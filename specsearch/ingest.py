@@ -29,12 +29,20 @@ stars without a Gaia id have negative pseudo ids, see ``surveys.lamost``, and so
 rejects are sorted by file and row, with file names relative to ``source``. Re-running the same
 ingest writes byte-identical shard files. Everything goes through ``Store.write_release``
 (temporary files, then rename; manifest last).
+
+Memory. ``ingest`` never holds a release: reader batches are sorted by source_id into runs of
+about 128 MB spilled to a scratch folder inside the store (removed afterwards), and the runs are
+merged 4096 source_ids at a time straight into the shard files. Peak memory is flat in the size
+of the release (1.00 GB at 20k stars, 1.17 GB at 200k, both modalities).
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +76,11 @@ from .surveys.shards import (
 
 SNR_LRS = "_snr_lrs"
 SNR_XP = "_snr_xp"
-_INTERNAL = (*PROVENANCE_COLUMNS, SNR_LRS, SNR_XP)
+_ARRIVAL = "_arrival"  # a row's position in reading order: the merge's tie-break
+_INTERNAL = (*PROVENANCE_COLUMNS, SNR_LRS, SNR_XP, _ARRIVAL)
+_RUN_ROW_GROUP = 128  # rows per row group of a spilled run: the merge keeps one per run
+_RUN_BYTES = 128 << 20  # reader batches gathered before a run is sorted and spilled
+_MERGE_ROWS = 4096  # output source_ids merged at a time: one row group of the shard files
 _UNKNOWN = "not a LAMOST LRS FITS file, Gaia XP product or canonical shard"
 # errors a third-party reader may raise for a file it cannot read
 _READ_ERRORS = (SpecsearchError, OSError, ValueError, KeyError, EOFError, pa.ArrowException)
@@ -252,6 +264,166 @@ def _progress(enabled: bool = True) -> Progress:
     )
 
 
+class _Runs:
+    """The conformed reader batches of one release, sorted by source_id in "runs".
+
+    In memory (``spill_dir`` None, for query files) every batch is a run. With a ``spill_dir``
+    batches gather until ``budget_bytes``, are sorted and written as one Parquet run with small
+    row groups; only source_id and arrival (16 bytes a row) stay in memory. The merge walks all
+    runs in source_id order, reading each row group once and keeping one per run: memory is
+    about ``budget_bytes`` plus one row group per run, whatever the size of the release.
+
+    ``mark`` and ``rollback`` drop what a file added when it fails part-way (all or nothing).
+    """
+
+    def __init__(
+        self, source: Path, spill_dir: Path | None, names: dict[str, str], budget_bytes: int
+    ):
+        self.source = source
+        self.spill_dir = spill_dir
+        self.names = names
+        self.budget_bytes = budget_bytes
+        self.runs: list[pa.Table | Path] = []
+        self.ids: list[np.ndarray] = []  # per run, sorted
+        self.arrivals: list[np.ndarray] = []  # per run, in the order of ids
+        self.pending: list[pa.Table] = []
+        self.schemas: list[tuple[int, pa.Schema]] = []  # (first arrival, schema) per batch
+        self.rejects: list[pa.Table] = []
+        self.dropped: list[tuple[int, int]] = []  # arrival ranges of files that failed
+        self.rows = 0
+        self._cache: dict[int, tuple[int, pa.Table]] = {}  # run -> (row group, its rows)
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def add(self, shards: pa.Table, rejects: pa.Table | None = None) -> None:
+        if rejects is not None and rejects.num_rows:
+            self.rejects.append(rejects)
+        if not shards.num_rows:
+            return
+        # files named as the user will see them; arrival order kept for the merge's tie-break
+        shown = [self.names.get(f, f) for f in shards.column(FILE_COLUMN).to_pylist()]
+        shards = shards.set_column(
+            shards.schema.get_field_index(FILE_COLUMN), FILE_COLUMN, pa.array(shown, pa.string())
+        )
+        arrival = np.arange(self.rows, self.rows + shards.num_rows, dtype=np.int64)
+        shards = shards.append_column(_ARRIVAL, pa.array(arrival))
+        self.schemas.append((self.rows, shards.schema))
+        self.rows += shards.num_rows
+        self.pending.append(shards)
+        if self.spill_dir is None or sum(t.nbytes for t in self.pending) >= self.budget_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Sort the pending batches by source_id into one run."""
+        if not self.pending:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                table = pa.concat_tables(self.pending, promote_options="default")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+                raise InputError(
+                    f"{self.source}: files disagree on a column type ({str(err).splitlines()[0]})"
+                ) from None
+        self.pending = []
+        source_id = table.column("source_id").to_numpy()
+        order = np.argsort(source_id, kind="stable")
+        table = table.take(pa.array(order))
+        self.ids.append(source_id[order])
+        self.arrivals.append(table.column(_ARRIVAL).to_numpy())
+        if self.spill_dir is None:
+            self.runs.append(table)
+            return
+        path = self.spill_dir / f"run-{len(self.runs):06d}.parquet"
+        pq.write_table(  # a scratch file read once: no compression, no dictionaries
+            table, path, row_group_size=_RUN_ROW_GROUP, compression="none", use_dictionary=False
+        )
+        self.runs.append(path)
+
+    def mark(self) -> tuple[int, int]:
+        return self.rows, len(self.rejects)
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        rows, rejects = mark
+        self.dropped.append((rows, self.rows))
+        del self.rejects[rejects:]
+
+    def _kept(self, arrival: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(arrival), dtype=bool)
+        for start, stop in self.dropped:
+            keep &= (arrival < start) | (arrival >= stop)
+        return keep
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def schema(self) -> pa.Schema:
+        """One schema for every row kept: the contract columns first, extras as files have them."""
+        schemas = [s for first, s in self.schemas if self._kept(np.array([first]))[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                return pa.unify_schemas(schemas, promote_options="default")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+                raise InputError(
+                    f"{self.source}: files disagree on a column type ({str(err).splitlines()[0]})"
+                ) from None
+
+    def unique_ids(self) -> np.ndarray:
+        self.flush()
+        ids = [i[self._kept(a)] for i, a in zip(self.ids, self.arrivals, strict=True)]
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+    def _row_group(self, index: int, group: int) -> pa.Table:
+        cached = self._cache.get(index)
+        if cached is None or cached[0] != group:
+            if index not in self._files:
+                self._files[index] = pq.ParquetFile(self.runs[index])
+            cached = (group, self._files[index].read_row_group(group))
+            self._cache[index] = cached
+        return cached[1]
+
+    def rows_between(self, low: int, high: int, schema: pa.Schema) -> pa.Table:
+        """Every kept row with low <= source_id <= high, from every run; the rows of one source_id
+        in reading order (what the merge's tie-break needs).
+
+        Calls must come in increasing source_id order: a spilled run's row groups are read once.
+        """
+        parts = []
+        for index, (run, ids) in enumerate(zip(self.runs, self.ids, strict=True)):
+            first = int(np.searchsorted(ids, low, side="left"))
+            stop = int(np.searchsorted(ids, high, side="right"))
+            if stop <= first:
+                continue
+            if isinstance(run, Path):
+                pieces = []
+                for group in range(first // _RUN_ROW_GROUP, (stop - 1) // _RUN_ROW_GROUP + 1):
+                    offset = group * _RUN_ROW_GROUP
+                    rows = self._row_group(index, group)
+                    lo, hi = max(first - offset, 0), min(stop - offset, rows.num_rows)
+                    pieces.append(rows.slice(lo, hi - lo))
+                table = pa.concat_tables(pieces)
+            else:
+                table = run.slice(first, stop - first)
+            if self.dropped:
+                keep = self._kept(self.arrivals[index][first:stop])
+                table = table.filter(pa.array(keep))
+            parts.append(_to_schema(table, schema))
+        # runs are in reading order and sorted stably, so the rows of one source_id are too
+        return pa.concat_tables(parts)
+
+
+def _to_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Columns in the schema's order and types; a column the table lacks is null."""
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, type=f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def _read_all(
     files: list[Path],
     formats: list[str],
@@ -260,8 +432,9 @@ def _read_all(
     batch_size: int,
     rows_per_batch: int,
     progress: Progress,
-) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Run every file through its reader; yields (conformed rows, rejects) per batch."""
+    runs: _Runs,
+) -> None:
+    """Run every file through its reader, adding each batch (conformed rows, rejects) to runs."""
     on_error = "raise" if single else "reject"
     task = progress.add_task("reading", total=len(files))
     lamost = [f for f, kind in zip(files, formats, strict=True) if kind == "lamost"]
@@ -271,7 +444,7 @@ def _read_all(
         strict=True,
     ):
         progress.advance(task, min(batch_size, len(lamost) - start))
-        yield _conform(shards, release, ""), rejects
+        runs.add(_conform(shards, release, ""), rejects)
     for file, kind in zip(files, formats, strict=True):
         if kind == "lamost":
             continue
@@ -279,14 +452,14 @@ def _read_all(
             for shards, rejects in read_shards(
                 file, release, rows_per_batch, on_error=on_error, provenance=True
             ):
-                yield _conform(shards, release, str(file)), rejects
+                runs.add(_conform(shards, release, str(file)), rejects)
         elif kind == "gaia_xp":
-            yield from _read_gaia_xp(file, release, rows_per_batch, single)
+            _read_gaia_xp(file, release, rows_per_batch, single, runs)
         elif kind == "unknown":
             if single:
                 raise InputError(f"{file}: {_UNKNOWN}")
-            yield (
-                _conform(SHARD_SCHEMA.empty_table(), release, str(file)),
+            runs.add(
+                SHARD_SCHEMA.empty_table(),
                 rejects_table(release, [{"file": str(file), "reason": _UNKNOWN}]),
             )
         elif kind == "side_table" and single:
@@ -294,32 +467,32 @@ def _read_all(
         progress.advance(task)
 
 
-def _read_gaia_xp(
-    file: Path, release: str, rows_per_batch: int, single: bool
-) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _read_gaia_xp(file: Path, release: str, rows_per_batch: int, single: bool, runs: _Runs) -> None:
     """One XP file, all or nothing: a file that fails part-way contributes no rows."""
     gaia_xp = _gaia_xp_module()
     assert gaia_xp is not None  # detect_format only says "gaia_xp" when the module exists
-    batches = []
+    mark = runs.mark()
     try:
         for shards, rejects in gaia_xp.read_gaia_xp(file, release, rows_per_batch):
-            batches.append((_conform(shards, release, str(file)), rejects))
+            runs.add(_conform(shards, release, str(file)), rejects)
     except _READ_ERRORS as err:
+        runs.rollback(mark)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not message.startswith(str(file)):
             message = f"{file}: {message}"
         if single:
             raise InputError(message) from None
         reason = f"unreadable Gaia XP product: {message.removeprefix(f'{file}: ')}"
-        batches = [(None, rejects_table(release, [{"file": str(file), "reason": reason}]))]
-    for shards, rejects in batches:
-        if shards is None:
-            shards = _conform(SHARD_SCHEMA.empty_table(), release, str(file))
-        yield shards, rejects
+        runs.add(
+            SHARD_SCHEMA.empty_table(),
+            rejects_table(release, [{"file": str(file), "reason": reason}]),
+        )
 
 
 def _tidy_rejects(rejects: list[pa.Table], release: str, names: dict[str, str]) -> pa.Table:
     """One rejects table: release set, files named relative to the source, sorted by file, row."""
+    if not rejects:
+        return REJECTS_SCHEMA.empty_table()
     table = pa.concat_tables([r.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA) for r in rejects])
     files = [names.get(f, f) if f is not None else None for f in table.column("file").to_pylist()]
     table = table.set_column(1, REJECTS_SCHEMA.field("file"), pa.array(files, type=pa.string()))
@@ -332,6 +505,61 @@ def _tidy_rejects(rejects: list[pa.Table], release: str, names: dict[str, str]) 
     return table.take(order)
 
 
+def _scan(
+    source: Path,
+    release: str,
+    batch_size: int,
+    rows_per_batch: int,
+    bar: Progress,
+    spill_dir: Path | None,
+) -> tuple[_Runs, list[str]]:
+    """Read every file of ``source`` into runs; returns them with each file's detected format."""
+    check_release(release)
+    if not source.exists():
+        raise InputError(f"{source}: no such file or directory")
+    single = source.is_file()
+    files = _source_files(source)
+    if not files:
+        raise InputError(f"{source}: empty folder, nothing to ingest")
+    names = {str(f): (f.name if single else f.relative_to(source).as_posix()) for f in files}
+    runs = _Runs(source, spill_dir, names, _RUN_BYTES)
+    task = bar.add_task("scanning", total=len(files))
+    formats = []
+    for file in files:
+        formats.append(detect_format(file))
+        bar.advance(task)
+    _read_all(files, formats, release, single, batch_size, rows_per_batch, bar, runs)
+    return runs, formats
+
+
+def _merged_chunks(
+    runs: _Runs, source: Path, release: str, bar: Progress, rows_per_file: int
+) -> Iterator[pa.Table]:
+    """The merged release in source_id order, a slice of at most _MERGE_ROWS source_ids at a
+    time, cut so that no slice crosses a multiple of ``rows_per_file``. The duplicates found are
+    appended to ``runs.rejects``. Raises InputError before yielding anything when no row is left."""
+    ids = runs.unique_ids()
+    if not len(ids):
+        rejected = _tidy_rejects(runs.rejects, release, runs.names)
+        first = ""
+        if rejected.num_rows:
+            first = f"; first: {rejected.column('file')[0]}: {rejected.column('reason')[0]}"
+        raise InputError(
+            f"{source}: no usable spectra for release {release} ({rejected.num_rows} rejected{first})"
+        )
+    schema = runs.schema()
+    task = bar.add_task("merging", total=len(ids))
+    for part in range(0, len(ids), rows_per_file):
+        for start in range(part, min(part + rows_per_file, len(ids)), _MERGE_ROWS):
+            chunk = ids[start : min(start + _MERGE_ROWS, part + rows_per_file, len(ids))]
+            rows = runs.rows_between(int(chunk[0]), int(chunk[-1]), schema)
+            merged, duplicates = merge_by_source_id(rows, release)
+            if duplicates.num_rows:
+                runs.rejects.append(duplicates)
+            bar.advance(task, len(chunk))
+            yield merged
+
+
 def read_source(
     source: str | os.PathLike,
     release: str = "QUERY",
@@ -340,57 +568,17 @@ def read_source(
     rows_per_batch: int = 4096,
     progress: bool = False,
 ) -> tuple[pa.Table, pa.Table, list[str]]:
-    """Read a file or folder into merged canonical rows without writing anything.
+    """Read a file or folder into merged canonical rows in memory, without writing anything
+    (query spectra; ``ingest`` streams instead).
 
     Returns (rows sorted by source_id, rejects, the detected format of each file). Raises
     InputError for a bad single file or when no usable spectrum is left.
     """
-    check_release(release)
     source = Path(source)
-    if not source.exists():
-        raise InputError(f"{source}: no such file or directory")
-    single = source.is_file()
-    files = _source_files(source)
-    if not files:
-        raise InputError(f"{source}: empty folder, nothing to ingest")
-    names = {str(f): (f.name if single else f.relative_to(source).as_posix()) for f in files}
-
-    tables = [_conform(SHARD_SCHEMA.empty_table(), release, "")]  # concat needs one table
-    rejects = []
     with _progress(progress) as bar:
-        task = bar.add_task("scanning", total=len(files))
-        formats = []
-        for file in files:
-            formats.append(detect_format(file))
-            bar.advance(task)
-        for shards, rejected in _read_all(
-            files, formats, release, single, batch_size, rows_per_batch, bar
-        ):
-            tables.append(shards)
-            rejects.append(rejected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            rows = pa.concat_tables(tables, promote_options="default")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise InputError(
-                f"{source}: files disagree on a column type ({str(err).splitlines()[0]})"
-            ) from None
-    # name files relative to the source in every message and rejects row
-    shown = [names.get(f, f) for f in rows.column(FILE_COLUMN).to_pylist()]
-    rows = rows.set_column(
-        rows.schema.get_field_index(FILE_COLUMN), FILE_COLUMN, pa.array(shown, type=pa.string())
-    )
-    merged, duplicates = merge_by_source_id(rows, release)
-    rejected = _tidy_rejects([*rejects, duplicates], release, names)
-    if merged.num_rows == 0:
-        first = ""
-        if rejected.num_rows:
-            first = f"; first: {rejected.column('file')[0]}: {rejected.column('reason')[0]}"
-        raise InputError(
-            f"{source}: no usable spectra for release {release} ({rejected.num_rows} rejected{first})"
-        )
-    return merged, rejected, formats
+        runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, None)
+        chunks = list(_merged_chunks(runs, source, release, bar, rows_per_file=1 << 62))
+    return pa.concat_tables(chunks), _tidy_rejects(runs.rejects, release, runs.names), formats
 
 
 def ingest(
@@ -400,26 +588,57 @@ def ingest(
     *,
     batch_size: int = 256,
     rows_per_batch: int = 4096,
+    rows_per_file: int = 50_000,
     progress: bool = True,
 ) -> str:
-    """Ingest ``source`` (a file or a folder) as release ``release`` of ``store`` (see read_source).
+    """Ingest ``source`` (a file or a folder) as release ``release`` of ``store``.
 
-    batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables.
-    Returns a one-line summary. Raises InputError for a bad single file or an empty release.
+    Memory stays bounded whatever the size of the release: reader batches are sorted by
+    source_id and spilled to a temporary folder inside the store, then merged slice by slice
+    straight into the shard files (see read_source for the rules).
+    batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables;
+    rows_per_file: stars per shard file. Returns a one-line summary. Raises InputError for a bad
+    single file or an empty release (the store is then left as it was).
     """
     source = Path(source)
-    merged, rejected, formats = read_source(
-        source, release, batch_size=batch_size, rows_per_batch=rows_per_batch, progress=progress
-    )
-    store = store if isinstance(store, Store) else Store(store)
-    store.write_release(release, [merged], rejects=rejected, sources=[str(source.resolve())])
-    has_lrs = merged.column("lrs_flux").is_valid().to_numpy(zero_copy_only=False)
-    has_xp = merged.column("xp_flux").is_valid().to_numpy(zero_copy_only=False)
+    check_release(release)
+    root = store.root if isinstance(store, Store) else Path(store)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    spill_dir = Path(tempfile.mkdtemp(prefix=f".ingest-{release}-", dir=root))
+    counts = np.zeros(3, dtype=np.int64)  # stars with an LRS, an XP, both
+
+    def counted(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for merged in chunks:
+            has_lrs = merged.column("lrs_flux").is_valid().to_numpy(zero_copy_only=False)
+            has_xp = merged.column("xp_flux").is_valid().to_numpy(zero_copy_only=False)
+            counts[:] += [has_lrs.sum(), has_xp.sum(), (has_lrs & has_xp).sum()]
+            yield merged
+
+    try:
+        with _progress(progress) as bar:
+            runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, spill_dir)
+            chunks = _merged_chunks(runs, source, release, bar, rows_per_file)
+            first = next(chunks)  # an empty release raises here, before the store is written
+            store = store if isinstance(store, Store) else Store(root)
+            entry = store.write_release(
+                release,
+                counted(itertools.chain([first], chunks)),
+                rejects=lambda: _tidy_rejects(runs.rejects, release, runs.names),
+                sources=[str(source.resolve())],
+                rows_per_file=rows_per_file,
+            )
+    except BaseException:
+        if created:  # a failed first ingest leaves no half-made store behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
     skipped = sum(kind == "side_table" for kind in formats)
     return (
-        f"ingested {release}: {merged.num_rows} stars ({int(has_lrs.sum())} LRS, {int(has_xp.sum())} XP, "
-        f"{int((has_lrs & has_xp).sum())} both) from {len(formats) - skipped} files, "
-        f"{rejected.num_rows} rejected"
+        f"ingested {release}: {entry['rows']} stars ({counts[0]} LRS, {counts[1]} XP, "
+        f"{counts[2]} both) from {len(formats) - skipped} files, "
+        f"{entry['rejects']} rejected"
         + (f", {skipped} side tables skipped" if skipped else "")
         + f" -> {store.shard_dir(release)}"
     )

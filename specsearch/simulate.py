@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 from . import grids, lrs_synth
 from .errors import SpecsearchError
 from .schema import LABELS, TRUTH_SCHEMA, make_shard_table
-from .store import atomic_path, check_release, write_json_atomic
+from .store import atomic_path, check_release, parquet_options, write_json_atomic
 
 ANOMALY_CLASSES = (
     "cross_match",  # the LRS of one star paired with the XP of another
@@ -71,10 +71,6 @@ ROWS_PER_FILE = 50_000
 ROW_GROUP_SIZE = 4096
 XP_LOWEST_FE_H = -2.5  # the XP emulator's training range ends here
 XP_BP_RP_SPLIT_NM = 640.0  # BP covers the sampled grid below, RP above
-ARRAY_ENCODING = {
-    f"{c}.list.element": "BYTE_STREAM_SPLIT"
-    for c in ("lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error")
-}
 _ID_MULTIPLIER = 2654435761  # odd and not a multiple of 3: a bijection modulo 12 * 4**12
 N_HEALPIX12 = 12 * 4**12
 
@@ -712,14 +708,7 @@ class _ShardWriter:
                 self.files.append(path)
                 self.part_stack = contextlib.ExitStack()
                 tmp = self.part_stack.enter_context(atomic_path(path))
-                self.writer = pq.ParquetWriter(
-                    tmp,
-                    shards.schema,
-                    compression="zstd",
-                    compression_level=1,
-                    use_dictionary=["release"],
-                    column_encoding=ARRAY_ENCODING,
-                )
+                self.writer = pq.ParquetWriter(tmp, shards.schema, **parquet_options(shards.schema))
                 self.rows_in_part = 0
             take = min(shards.num_rows - start, self.rows_per_file - self.rows_in_part)
             self.writer.write_table(shards.slice(start, take), row_group_size=ROW_GROUP_SIZE)

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How the store writes Parquet: zstd; dictionaries for scalar columns only (spectra never
+    repeat, and trying a dictionary on them first makes writing several times slower); float
+    arrays byte-stream-split, which makes them smaller and faster to read back."""
+    split = {}
+    for f in schema:
+        if pa.types.is_nested(f.type) and f.type.value_type in (pa.float32(), pa.float64()):
+            split[f"{f.name}.list.element"] = "BYTE_STREAM_SPLIT"
+    return {
+        "compression": "zstd",
+        "use_dictionary": [f.name for f in schema if not pa.types.is_nested(f.type)],
+        "column_encoding": split,
+    }
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: Any) -> Path:
-    """Write a Parquet file atomically (temporary file, then rename)."""
+    """Write a Parquet file atomically (temporary file, then rename), with ``parquet_options``
+    unless told otherwise."""
+    kwargs = parquet_options(table.schema) | kwargs
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
+        pq.write_table(table, tmp, **kwargs)
     return Path(path)
 
 
@@ -75,6 +92,35 @@ def write_json_atomic(obj: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)
+
+
+def _write_parts(out_dir: Path, tables: Iterator[pa.Table], rows_per_file: int) -> list[Path]:
+    """Stream tables into part-00000.parquet, part-00001.parquet, ... of rows_per_file rows each
+    (atomically, one at a time); an empty stream still writes one empty part."""
+    files: list[Path] = []
+    table = next(tables, None)
+    while table is not None or not files:
+        path = out_dir / f"part-{len(files):05d}.parquet"
+        if table is None:
+            write_parquet_atomic(SHARD_SCHEMA.empty_table(), path)
+            files.append(path)
+            break
+        schema = table.schema
+        with (
+            atomic_path(path) as tmp,
+            pq.ParquetWriter(tmp, schema, **parquet_options(schema)) as writer,
+        ):
+            room = rows_per_file
+            while table is not None and room:
+                part = table.slice(0, room)
+                if part.num_rows:
+                    writer.write_table(part.cast(schema), row_group_size=4096)
+                room -= part.num_rows
+                table = table.slice(part.num_rows) if table.num_rows > part.num_rows else None
+                if table is None:
+                    table = next(tables, None)
+        files.append(path)
+    return files
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -133,40 +179,41 @@ class Store:
 
     def releases(self) -> list[str]:
         """Releases with ingested shards, in the order they were added."""
-        recorded = list(self.read_manifest().get("releases", {}))  # JSON objects keep insertion order
+        recorded = list(
+            self.read_manifest().get("releases", {})
+        )  # JSON objects keep insertion order
         return [r for r in recorded if self.shard_dir(r).exists()]
 
     # --- shards
     def write_release(
         self,
         release: str,
-        tables: list[pa.Table],
-        rejects: pa.Table | None = None,
+        tables: Iterable[pa.Table],
+        rejects: pa.Table | Callable[[], pa.Table] | None = None,
         sources: list[str] | None = None,
         rows_per_file: int = 50_000,
     ) -> dict[str, Any]:
         """Write one release's canonical shards (replacing any earlier write of that release).
 
-        ``tables`` must already follow SHARD_SCHEMA. Returns the manifest entry for the release.
+        ``tables`` follow SHARD_SCHEMA, in order, and may be a generator: they are streamed into
+        part files of ``rows_per_file`` rows (row groups of 4096, or each table's own size when
+        smaller), so memory holds one table at a time. ``rejects`` may be a function, called once
+        ``tables`` is exhausted (a streaming writer learns of rejects as it goes). Returns the
+        manifest entry for the release.
         """
         out_dir = self.shard_dir(release)
         out_dir.mkdir(parents=True, exist_ok=True)
-        table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
-        files = []
-        for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-            part = table.slice(start, rows_per_file)
-            path = write_parquet_atomic(
-                part, out_dir / f"part-{i:05d}.parquet", row_group_size=4096
-            )
-            files.append(path)
+        files = _write_parts(out_dir, iter(tables), rows_per_file)
         keep = {p.name for p in files}
         for old in out_dir.glob("part-*.parquet"):
             if old.name not in keep:
                 old.unlink()
+        if callable(rejects):
+            rejects = rejects()
         rejects = rejects if rejects is not None else REJECTS_SCHEMA.empty_table()
         write_parquet_atomic(rejects, out_dir / "rejects.parquet")
         entry = {
-            "rows": table.num_rows,
+            "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in files),
             "rejects": rejects.num_rows,
             "files": {p.name: file_sha256(p) for p in files},
             "sources": sources or [],

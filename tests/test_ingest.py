@@ -388,3 +388,128 @@ def test_gaia_xp_sampled_product_pairs_with_lamost(tmp_path):
     assert table.column("source_id").to_pylist() == [G1, G3]
     np.testing.assert_allclose(column_matrix(table, "xp_flux"), xp_flux, rtol=1e-5)
     assert table.column("obsid").to_pylist() == [101, None]
+
+
+def random_shards(folder, rng, n_files=3, rows=40, pool=70):
+    """Shard files drawn from one pool of source_ids: duplicates within and across files, XP of
+    random S/N, an LRS (all of S/N 10) for some rows, and an extra column in the first file only.
+
+    Returns {source_id: (xp winner (file, row), its xp_flux, lrs winner (file, row) or None)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    candidates, lrs_rows = [], {}
+    for f in range(n_files):
+        ids = rng.integers(1, pool, rows)
+        flux = rng.uniform(1.0, 2.0, (rows, N_XP)).astype(np.float32)
+        error = (flux / rng.uniform(5.0, 100.0, (rows, 1))).astype(np.float32)
+        lrs = rng.random(rows) < 0.3
+        table = make_shard_table(
+            ids,
+            "X",
+            xp_flux=flux,
+            xp_flux_error=error,
+            lrs_flux=np.where(lrs[:, None], 1.0, np.nan).astype(np.float32) * np.ones(N_LRS),
+            lrs_ivar=np.where(lrs[:, None], 100.0, np.nan).astype(np.float32) * np.ones(N_LRS),
+        )
+        if f == 0:
+            table = table.append_column("note", pa.array([f"n{i}" for i in range(rows)]))
+        pq.write_table(table, folder / f"part{f}.parquet")
+        for i in range(rows):
+            snr = float(np.median(flux[i] / error[i]))
+            candidates.append((int(ids[i]), -snr, f, i, flux[i]))
+            if lrs[i]:  # equal S/N: the first in reading order wins
+                lrs_rows.setdefault(int(ids[i]), (f, i))
+    best = {}
+    for sid, _, f, i, flux in sorted(candidates, key=lambda c: c[:4]):
+        best.setdefault(sid, ((f, i), flux, lrs_rows.get(sid)))
+    return best
+
+
+def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatch):
+    import specsearch.ingest as ingest_module
+
+    best = random_shards(tmp_path / "src", np.random.default_rng(5))
+    ingest(tmp_path / "src", tmp_path / "memory", "DR1", rows_per_batch=16, progress=False)
+    # every reader batch its own run, 4-row row groups, 7 source_ids merged at a time
+    monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
+    monkeypatch.setattr(ingest_module, "_RUN_ROW_GROUP", 4)
+    monkeypatch.setattr(ingest_module, "_MERGE_ROWS", 7)
+    summary = ingest(
+        tmp_path / "src",
+        tmp_path / "spill",
+        "DR1",
+        rows_per_batch=16,
+        rows_per_file=30,
+        progress=False,
+    )
+    assert summary.startswith(f"ingested DR1: {len(best)} stars")
+    spilled, memory = Store(tmp_path / "spill"), Store(tmp_path / "memory")
+    files = spilled.shard_files("DR1")
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [30] * (len(best) // 30) + (
+        [len(best) % 30] if len(best) % 30 else []
+    )
+    table = spilled.shards("DR1").to_table()
+    assert table.equals(memory.shards("DR1").to_table())
+    assert spilled.rejects("DR1").equals(memory.rejects("DR1"))
+    assert table.column("source_id").to_pylist() == sorted(best)
+    expected = np.stack([best[s][1] for s in sorted(best)])
+    np.testing.assert_array_equal(column_matrix(table, "xp_flux"), expected)
+
+    def note(where):  # only the first file has the column
+        return None if where is None or where[0] != 0 else f"n{where[1]}"
+
+    # scalar columns come from the LRS row, filled from the XP row where null
+    expected_notes = [note(best[s][2]) or note(best[s][0]) for s in sorted(best)]
+    assert table.column("note").to_pylist() == expected_notes
+    assert sum(n is not None for n in expected_notes) > 10
+    assert not any(p.name.startswith(".ingest") for p in (tmp_path / "spill").iterdir())
+
+
+def test_xp_file_failing_part_way_adds_no_rows(tmp_path, monkeypatch):
+    import specsearch.ingest as ingest_module
+    import specsearch.surveys.gaia_xp as gaia_xp
+
+    src = tmp_path / "src"
+    lamost(src / "spec-1.fits", {"OBSID": 101, "GAIA_SOURCE_ID": G1})
+    (src / "xp.csv").write_text("stand-in for an XP product\n")
+    xp_flux, xp_error = xp_spectrum(2)
+
+    def fails_part_way(path, release, rows_per_batch):
+        yield make_shard_table([G1, G2], release, xp_flux=xp_flux, xp_flux_error=xp_error), None
+        raise ValueError("line 2: unexpected end of data")
+
+    real_detect = ingest_module.detect_format
+    monkeypatch.setattr(
+        ingest_module,
+        "detect_format",
+        lambda p: "gaia_xp" if p.name == "xp.csv" else real_detect(p),
+    )
+    monkeypatch.setattr(gaia_xp, "read_gaia_xp", fails_part_way)
+    monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
+    summary = ingest(src, tmp_path / "s", "DR1", progress=False)
+    assert summary.startswith(
+        "ingested DR1: 1 stars (1 LRS, 0 XP, 0 both) from 2 files, 1 rejected"
+    )
+    reason = Store(tmp_path / "s").rejects("DR1").column("reason").to_pylist()
+    assert reason == ["unreadable Gaia XP product: line 2: unexpected end of data"]
+
+
+def test_failed_first_ingest_leaves_no_store(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("not spectra\n")
+    with pytest.raises(InputError, match="no usable spectra"):
+        ingest(tmp_path / "src", tmp_path / "new-store", "DR1", progress=False)
+    assert not (tmp_path / "new-store").exists()
+
+
+@pytest.mark.parametrize("run_bytes", [1, 1 << 30])  # spilled runs, or one run in memory
+def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, run_bytes):
+    import specsearch.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "_RUN_BYTES", run_bytes)
+    xp_flux, xp_error = xp_spectrum(1)
+    (tmp_path / "src").mkdir()
+    for name, value in (("a", pa.array([1.5])), ("b", pa.array(["text"]))):
+        table = make_shard_table([int(ord(name))], "X", xp_flux=xp_flux, xp_flux_error=xp_error)
+        pq.write_table(table.append_column("extra", value), tmp_path / f"src/{name}.parquet")
+    with pytest.raises(InputError, match=r"^\S+src: files disagree on a column type \(.*\)$"):
+        ingest(tmp_path / "src", tmp_path / "store", "DR1", progress=False)

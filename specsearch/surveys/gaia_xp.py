@@ -733,7 +733,7 @@ def _csv_chunks(path: Path, wanted: tuple[str, ...], batch_rows: int) -> Iterato
 def _parquet_chunks(path: Path, wanted: tuple[str, ...], batch_rows: int) -> Iterator[_Chunk]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering holds the whole file
     by_lower = _lower_map(parquet.schema_arrow.names)
     first_row = 0
     for batch in parquet.iter_batches(

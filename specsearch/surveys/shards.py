@@ -127,7 +127,7 @@ def read_shards(
                 raise InputError(
                     f"{file}: not a canonical shard (Parquet with source_id and spectra)"
                 )
-            parquet = pq.ParquetFile(file)
+            parquet = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds the whole file
             for batch in parquet.iter_batches(batch_size=batch_size):
                 table = pa.Table.from_batches([batch])
                 yield check_shard_rows(table, release, str(file), row, provenance=provenance)
