@@ -108,16 +108,13 @@ def throughput(model: str, store: Path, n_batched: int, n_loop: int, repeats: in
     }
 
 
-def peak_memory(model: str, store: Path) -> dict:
-    """Run `specsearch embed` in a fresh process; its peak RSS is VmHWM from /proc (getrusage's
-    ru_maxrss would carry the parent's peak across fork + exec on Linux). Earlier embeddings of
-    the store are removed first, so every run embeds every star."""
-    shutil.rmtree(store / "embeddings", ignore_errors=True)
-    (store / "embeddings").mkdir()
+def fresh_process_peak(code: str) -> dict:
+    """Run Python ``code`` in a fresh process; returns its wall seconds and peak RSS in MB, from
+    VmHWM in /proc (getrusage's ru_maxrss would carry the parent's peak across fork + exec)."""
     code = (
-        "import re, time; from specsearch.embed import embed_store; t=time.perf_counter(); "
-        f"print(embed_store({str(store)!r}, model={model!r}, device='cpu', progress=False)); "
-        "print('SECONDS', time.perf_counter()-t); "
+        "import re, time; t=time.perf_counter()\n"
+        + code
+        + "\nprint('SECONDS', time.perf_counter()-t); "
         "print('PEAK_KB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
     )
     out = subprocess.run(
@@ -127,6 +124,17 @@ def peak_memory(model: str, store: Path) -> dict:
         line.split(" ", 1) for line in out.splitlines() if line.startswith(("PEAK_KB", "SECONDS"))
     )
     return {"peak_rss_mb": int(values["PEAK_KB"]) / 1024, "seconds": float(values["SECONDS"])}
+
+
+def peak_memory(model: str, store: Path) -> dict:
+    """`specsearch embed` of the whole store in a fresh process. Earlier embeddings of the store
+    are removed first, so every run embeds every star."""
+    shutil.rmtree(store / "embeddings", ignore_errors=True)
+    (store / "embeddings").mkdir()
+    return fresh_process_peak(
+        "from specsearch.embed import embed_store; "
+        f"print(embed_store({str(store)!r}, model={model!r}, device='cpu', progress=False))"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
