@@ -605,6 +605,8 @@ def ingest(
     root = store.root if isinstance(store, Store) else Path(store)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".ingest-{release}-*"):  # left by a killed ingest of this release
+        shutil.rmtree(stale, ignore_errors=True)
     spill_dir = Path(tempfile.mkdtemp(prefix=f".ingest-{release}-", dir=root))
     counts = np.zeros(3, dtype=np.int64)  # stars with an LRS, an XP, both
 

@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 from . import grids, lrs_synth
 from .errors import SpecsearchError
 from .schema import LABELS, TRUTH_SCHEMA, make_shard_table
-from .store import atomic_path, check_release, parquet_options, write_json_atomic
+from .store import PartWriter, atomic_path, check_release, write_json_atomic
 
 ANOMALY_CLASSES = (
     "cross_match",  # the LRS of one star paired with the XP of another
@@ -676,61 +676,34 @@ def _truth_table(source_id, cls, truth, xp_source, params, release) -> pa.Table:
 
 
 class _ShardWriter:
-    """Writes shard tables into part files of up to ``rows_per_file`` rows, each atomically."""
+    """Shard part files (``store.PartWriter``) and the truth table, each written atomically."""
 
     def __init__(
         self, shard_dir: Path, truth_path: Path, rows_per_file: int, keep_truth: pa.Table | None
     ):
-        self.shard_dir = shard_dir
-        self.rows_per_file = rows_per_file
-        self.writer: pq.ParquetWriter | None = None
-        self.part_stack: contextlib.ExitStack | None = None
-        self.rows_in_part = 0
-        self.files: list[Path] = []
+        self.parts = PartWriter(shard_dir, rows_per_file, ROW_GROUP_SIZE)
         self.truth_stack = contextlib.ExitStack()
         tmp = self.truth_stack.enter_context(atomic_path(truth_path))
         self.truth_writer = pq.ParquetWriter(tmp, TRUTH_SCHEMA, compression="zstd")
         if keep_truth is not None and keep_truth.num_rows:
             self.truth_writer.write_table(keep_truth)
 
-    def _close_part(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.part_stack.close()  # renames the temporary file into place
-            self.writer = None
-
     def write(self, shards: pa.Table, truth: pa.Table) -> None:
-        start = 0
-        while start < shards.num_rows:
-            if self.writer is None or self.rows_in_part >= self.rows_per_file:
-                self._close_part()
-                path = self.shard_dir / f"part-{len(self.files):05d}.parquet"
-                self.files.append(path)
-                self.part_stack = contextlib.ExitStack()
-                tmp = self.part_stack.enter_context(atomic_path(path))
-                self.writer = pq.ParquetWriter(tmp, shards.schema, **parquet_options(shards.schema))
-                self.rows_in_part = 0
-            take = min(shards.num_rows - start, self.rows_per_file - self.rows_in_part)
-            self.writer.write_table(shards.slice(start, take), row_group_size=ROW_GROUP_SIZE)
-            self.rows_in_part += take
-            start += take
+        self.parts.write(shards)
         self.truth_writer.write_table(truth)
 
     def close(self) -> list[Path]:
-        self._close_part()
+        files = self.parts.close()
         self.truth_writer.close()
         self.truth_stack.close()
-        return self.files
+        return files
 
     def abort(self) -> None:
-        for w in (self.writer, self.truth_writer):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    w.close()
-        for stack in (self.part_stack, self.truth_stack):
-            if stack is not None:
-                with contextlib.suppress(Exception):
-                    stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self.parts.abort()
+        with contextlib.suppress(Exception):
+            self.truth_writer.close()
+        with contextlib.suppress(Exception):
+            self.truth_stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -94,33 +95,63 @@ def write_json_atomic(obj: Any, path: Path) -> Path:
     return Path(path)
 
 
-def _write_parts(out_dir: Path, tables: Iterator[pa.Table], rows_per_file: int) -> list[Path]:
-    """Stream tables into part-00000.parquet, part-00001.parquet, ... of rows_per_file rows each
-    (atomically, one at a time); an empty stream still writes one empty part."""
-    files: list[Path] = []
-    table = next(tables, None)
-    while table is not None or not files:
-        path = out_dir / f"part-{len(files):05d}.parquet"
-        if table is None:
-            write_parquet_atomic(SHARD_SCHEMA.empty_table(), path)
-            files.append(path)
-            break
-        schema = table.schema
-        with (
-            atomic_path(path) as tmp,
-            pq.ParquetWriter(tmp, schema, **parquet_options(schema)) as writer,
-        ):
-            room = rows_per_file
-            while table is not None and room:
-                part = table.slice(0, room)
-                if part.num_rows:
-                    writer.write_table(part.cast(schema), row_group_size=4096)
-                room -= part.num_rows
-                table = table.slice(part.num_rows) if table.num_rows > part.num_rows else None
-                if table is None:
-                    table = next(tables, None)
-        files.append(path)
-    return files
+class PartWriter:
+    """Streams tables into ``part-00000.parquet``, ``part-00001.parquet``, ... of up to
+    ``rows_per_file`` rows each (row groups of up to ``row_group_size``), with the store's
+    Parquet options. Each part is written to a temporary file and renamed into place when it is
+    full or on ``close``; ``abort`` removes the part being written. Memory holds one table."""
+
+    def __init__(self, out_dir: Path, rows_per_file: int, row_group_size: int = 4096):
+        self.out_dir = Path(out_dir)
+        self.rows_per_file = rows_per_file
+        self.row_group_size = row_group_size
+        self.files: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._schema: pa.Schema | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None or self._rows >= self.rows_per_file:
+                self._open_part(table.schema)
+            take = min(table.num_rows - start, self.rows_per_file - self._rows)
+            part = table.slice(start, take)
+            if part.schema != self._schema:
+                part = part.cast(self._schema)
+            self._writer.write_table(part, row_group_size=self.row_group_size)
+            self._rows += take
+            start += take
+
+    def _open_part(self, schema: pa.Schema) -> None:
+        self._close_part()
+        path = self.out_dir / f"part-{len(self.files):05d}.parquet"
+        self.files.append(path)
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(path))
+        self._schema = schema
+        self._writer = pq.ParquetWriter(tmp, schema, **parquet_options(schema))
+        self._rows = 0
+
+    def _close_part(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._stack.close()  # renames the temporary file into place
+            self._writer = None
+
+    def close(self) -> list[Path]:
+        """Finish the last part; returns every part written."""
+        self._close_part()
+        return self.files
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(Exception):  # atomic_path removes the temporary file
+                self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._writer = None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -203,15 +234,37 @@ class Store:
         """
         out_dir = self.shard_dir(release)
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = _write_parts(out_dir, iter(tables), rows_per_file)
+        # the new files go to a staging folder first, so a write that fails or is killed
+        # part-way leaves the release as it was (a killed write's staging folder is removed by
+        # the next one); then each is renamed into place, and the manifest comes last
+        for stale in out_dir.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        writer = PartWriter(staging, rows_per_file)
+        try:
+            for table in tables:
+                writer.write(table)
+            staged = writer.close()
+            if not staged:  # an empty release still has one (empty) part
+                staged = [
+                    write_parquet_atomic(SHARD_SCHEMA.empty_table(), staging / "part-00000.parquet")
+                ]
+            if callable(rejects):
+                rejects = rejects()
+            rejects = rejects if rejects is not None else REJECTS_SCHEMA.empty_table()
+            write_parquet_atomic(rejects, staging / "rejects.parquet")
+            files = [out_dir / path.name for path in staged]
+            for path in [*staged, staging / "rejects.parquet"]:
+                os.replace(path, out_dir / path.name)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         keep = {p.name for p in files}
         for old in out_dir.glob("part-*.parquet"):
             if old.name not in keep:
                 old.unlink()
-        if callable(rejects):
-            rejects = rejects()
-        rejects = rejects if rejects is not None else REJECTS_SCHEMA.empty_table()
-        write_parquet_atomic(rejects, out_dir / "rejects.parquet")
         entry = {
             "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in files),
             "rejects": rejects.num_rows,

@@ -156,3 +156,28 @@ def test_missing_release_shards_is_an_error(tmp_path):
         part.unlink()
     with pytest.raises(SpecsearchError, match="release DR1 shard part-00000.parquet is missing"):
         store.shards("DR1")
+
+
+def test_a_write_that_fails_part_way_leaves_the_release_as_it_was(tmp_path):
+    store = Store(tmp_path)
+    store.write_release("DR1", [shard(25)], rows_per_file=10)
+    before = store.read_manifest()["releases"]["DR1"]
+    (store.shard_dir("DR1") / ".staging-killed").mkdir()  # what a killed write leaves
+
+    def tables():
+        yield shard(12, first_id=100)  # fills part-00000 and starts part-00001
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(RuntimeError, match="reader failed"):
+        store.write_release("DR1", tables(), rows_per_file=10)
+    assert store.read_manifest()["releases"]["DR1"] == before
+    assert store.shards("DR1").to_table().column("source_id").to_pylist() == list(range(1, 26))
+    assert {name: file_sha256(store.shard_dir("DR1") / name) for name in before["files"]} == (
+        before["files"]
+    )
+    assert sorted(p.name for p in store.shard_dir("DR1").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+        "rejects.parquet",
+    ]
