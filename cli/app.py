@@ -62,31 +62,14 @@ def one_line_errors(func):
 
 @contextlib.contextmanager
 def progress_bar(description: str, unit: str):
-    """A rich progress bar on stderr; yields ``advance(done, total)`` for library callbacks."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    """A progress bar (specsearch.progress); yields ``advance(done, total)`` for library callbacks."""
+    from specsearch.progress import bar
 
-    console = Console(stderr=True)
-    columns = [
-        TextColumn(description),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        TimeRemainingColumn(),
-    ]
-    with Progress(
-        *columns, console=console, transient=True, disable=not console.is_terminal
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    with bar(unit=unit) as display:
+        task = display.add_task(description, total=None)
 
         def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            display.update(task, completed=done, total=total)
 
         yield advance
 

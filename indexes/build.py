@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from specsearch.errors import SpecsearchError
+from specsearch.progress import progress
 
 from .choose import (
     EXACT_THRESHOLD,
@@ -34,7 +35,6 @@ from .measure import (
     set_search_params,
     tune_search_params,
 )
-from .progress import progress
 
 METRIC = "inner_product"
 ADD_BATCH = 65_536

@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from specsearch.errors import InputError, SpecsearchError
+from specsearch.progress import progress
 from specsearch.store import Store
 
 from .build import build_index, build_index_streaming
 from .choose import EXACT_THRESHOLD, choose_factory, default_memory_budget, index_bytes
 from .io import extend_index, load_index, read_params, rebuild_reason, save_index
-from .progress import progress
 
 MODALITIES = ("lrs", "xp")
 READ_BATCH = 65_536

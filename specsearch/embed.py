@@ -258,26 +258,16 @@ def embed_store(
 def _embed_chunks_local(
     st: Store, todo: list[Chunk], runner: Any, model_id: str, progress: bool
 ) -> dict[str, int]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import progress as progress_bar
 
     total = {"lrs": 0, "xp": 0}
-    columns = [
-        TextColumn("embed"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} stars"),
-        TextColumn("{task.fields[rate]:.0f} stars/s"),
-        TimeRemainingColumn(),
-    ]
     n_rows = sum(c.stop - c.start for c in todo)
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("embed", total=n_rows, rate=0.0)
+    with progress_bar("embed", n_rows, progress, unit="stars") as advance:
         for chunk in todo:
             counts = embed_chunk(str(st.root), chunk, runner, model_id)
             for m in total:
                 total[m] += counts[m]
-            bar.advance(task, chunk.stop - chunk.start)
-            elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, rate=bar.tasks[0].completed / elapsed)
+            advance(chunk.stop - chunk.start)
     return total
 
 

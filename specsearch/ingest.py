@@ -52,10 +52,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from .errors import InputError, SpecsearchError
+from .progress import bar as progress_bar
 from .schema import (
     REJECTS_SCHEMA,
     SHARD_SCHEMA,
@@ -248,20 +248,6 @@ def merge_by_source_id(rows: pa.Table, release: str) -> tuple[pa.Table, pa.Table
 
 
 # ------------------------------------------------------------------ the stage
-
-
-def _progress(enabled: bool = True) -> Progress:
-    """A file-count progress bar on stderr; drawn only on a terminal, and cleared when done."""
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
 
 
 class _Runs:
@@ -575,7 +561,7 @@ def read_source(
     InputError for a bad single file or when no usable spectrum is left.
     """
     source = Path(source)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, None)
         chunks = list(_merged_chunks(runs, source, release, bar, rows_per_file=1 << 62))
     return pa.concat_tables(chunks), _tidy_rejects(runs.rejects, release, runs.names), formats
@@ -618,7 +604,7 @@ def ingest(
             yield merged
 
     try:
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, spill_dir)
             chunks = _merged_chunks(runs, source, release, bar, rows_per_file)
             first = next(chunks)  # an empty release raises here, before the store is written

@@ -1,0 +1,58 @@
+"""Progress bars for long work: rich, on stderr, drawn only when stderr is a terminal (never in
+logs, pipes or tests), and cleared when the work is done.
+
+``progress(description, total)`` yields ``advance(n)`` for one task; ``bar()`` is the underlying
+``rich.progress.Progress`` for work with several tasks (ingest: scanning, reading, merging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class _Rate(ProgressColumn):
+    """Units done per second, once rich has measured it."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s")
+
+
+def bar(show: bool = True, unit: str = "") -> Progress:
+    """description, bar, done/total [unit], rate, elapsed and remaining time."""
+    console = Console(stderr=True)
+    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
+    columns.append(MofNCompleteColumn())
+    if unit:
+        columns += [TextColumn(unit), _Rate(unit)]
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(
+        *columns, console=console, transient=True, disable=not (show and console.is_terminal)
+    )
+
+
+@contextlib.contextmanager
+def progress(
+    description: str, total: int | None, show: bool = True, unit: str = ""
+) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``: report n more units of ``total`` done."""
+    with bar(show, unit) as display:
+        task = display.add_task(description, total=total)
+        yield lambda n: display.advance(task, n)
