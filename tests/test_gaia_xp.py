@@ -426,6 +426,23 @@ def test_array_text_cells():
     assert values[6, 0] == -np.inf
 
 
+def test_array_text_fast_path_agrees_with_the_careful_one():
+    # cells the fast path (', ' joined numbers only) takes, alone and mixed with ones it cannot
+    plain = ["(1.0, 2.5, -3e-05)", "[4,5]", "(6.25)"]
+    values, counts, unparseable = gaia_xp._ragged_matrix(pa.array(plain), 3)
+    np.testing.assert_array_equal(counts, [3, 2, 1])
+    np.testing.assert_array_equal(values[0], [1.0, 2.5, -3e-05])
+    assert not unparseable.any()
+    mixed, mixed_counts, _ = gaia_xp._ragged_matrix(pa.array([*plain, "(7, null)"]), 3)
+    np.testing.assert_array_equal(mixed[:3], values)
+    np.testing.assert_array_equal(mixed_counts[:3], counts)
+    # two numbers without a comma are one bad token, never the number 12
+    values, counts, unparseable = gaia_xp._ragged_matrix(pa.array(["(1 2)", "(3)"]), 3)
+    np.testing.assert_array_equal(counts, [1, 1])
+    np.testing.assert_array_equal(unparseable, [1, 0])
+    assert np.isnan(values[0, 0])
+
+
 # ------------------------------------------------------------------------ sampled layouts
 
 
