@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     from specsearch.embed import read_embeddings
     from specsearch.store import Store
 
-    ids = read_embeddings(args.store, args.modality, columns=["source_id"]).column("source_id").to_numpy()
+    ids = (
+        read_embeddings(args.store, args.modality, columns=["source_id"])
+        .column("source_id")
+        .to_numpy()
+    )
     n_stars = Store(args.store, create=False).read_manifest()["releases"]
     queries = np.random.default_rng(args.seed).choice(ids, size=args.runs, replace=False)
     exe = shutil.which("specsearch")
@@ -43,8 +47,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("specsearch is not on PATH (activate the environment)")
     walls = []
     for source_id in queries:
-        cmd = [exe, "search", "--store", str(args.store), "--source-id", str(source_id),
-               "-k", str(args.k), "--modality", args.modality, "--format", "csv"]
+        cmd = [
+            exe,
+            "search",
+            "--store",
+            str(args.store),
+            "--source-id",
+            str(source_id),
+            "-k",
+            str(args.k),
+            "--modality",
+            args.modality,
+            "--format",
+            "csv",
+        ]
         if args.target:
             cmd += ["--target", args.target]
         t0 = time.perf_counter()
@@ -52,13 +68,22 @@ def main(argv: list[str] | None = None) -> None:
         walls.append(time.perf_counter() - t0)
         assert len(out.strip().splitlines()) == args.k + 1, out  # header + k neighbours
     result = {
-        "store": str(args.store), "stars_per_release": {r: e["rows"] for r, e in n_stars.items()},
-        "embeddings": int(len(ids)), "k": args.k, "runs": args.runs,
-        "median_s": statistics.median(walls), "max_s": max(walls), "all_s": walls,
+        "store": str(args.store),
+        "stars_per_release": {r: e["rows"] for r, e in n_stars.items()},
+        "embeddings": int(len(ids)),
+        "k": args.k,
+        "runs": args.runs,
+        "median_s": statistics.median(walls),
+        "max_s": max(walls),
+        "all_s": walls,
     }
-    print(f"`specsearch search -k {args.k}` on {len(ids):,} {args.modality} embeddings, fresh process per query")
-    print(f"time to first result: median {result['median_s']:.2f} s, max {result['max_s']:.2f} s "
-          f"over {args.runs} queries")
+    print(
+        f"`specsearch search -k {args.k}` on {len(ids):,} {args.modality} embeddings, fresh process per query"
+    )
+    print(
+        f"time to first result: median {result['median_s']:.2f} s, max {result['max_s']:.2f} s "
+        f"over {args.runs} queries"
+    )
     RESULTS.mkdir(exist_ok=True)
     name = f"search_cli_{len(ids)}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Copy the evaluation summary (benchmarks/results/evaluate.json) into a model's card.json.
 
-    python scripts/card_metrics.py specsearch/models/weights/specclip-small-v1
+python scripts/card_metrics.py specsearch/models/weights/specclip-small-v1
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ MAX_TABLE_ROWS = 1000
 
 
 def emit_table(
-    table: pa.Table, fmt: str = "table", output: str | os.PathLike | None = None, title: str | None = None
+    table: pa.Table,
+    fmt: str = "table",
+    output: str | os.PathLike | None = None,
+    title: str | None = None,
 ) -> int:
     """Print ``table`` to stdout, or write it to ``output``, in one of FORMATS. Returns rows."""
     con = duckdb.connect()

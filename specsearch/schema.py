@@ -152,7 +152,9 @@ def validate_shard(table: pa.Table, where: str = "shard", check_unique: bool = T
                     f"{where}: row {int(bad[0])}: {name} has length {int(lengths[bad[0]])}, expected {width}"
                 )
     if table.column("source_id").null_count:
-        raise InputError(f"{where}: {table.column('source_id').null_count} row(s) without a source_id")
+        raise InputError(
+            f"{where}: {table.column('source_id').null_count} row(s) without a source_id"
+        )
     sid = table.column("source_id").to_numpy()
     uniq, counts = np.unique(sid, return_counts=True)
     if check_unique and (counts > 1).any():

@@ -34,7 +34,9 @@ def test_demo_twice_changes_nothing(tmp_path):
     runner = CliRunner()
     first = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert first.exit_code == 0, first.output
-    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "embeddings").rglob("*.parquet")}
+    files = {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "embeddings").rglob("*.parquet")
+    }
     second = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert second.exit_code == 0 and "nothing to do" in second.output
     assert {p: p.stat().st_mtime_ns for p in files} == files

@@ -30,7 +30,9 @@ def test_predict_labels_for_both_modalities(shard_file, tiny_model):
     # every 10th star has no LRS: its LRS labels are null and the combined label is the XP one
     lrs_teff = table.column("lrs_teff").to_numpy(zero_copy_only=False)
     assert np.isnan(lrs_teff[[0, 10]].astype(float)).all()
-    np.testing.assert_allclose(table.column("teff").to_numpy()[[0, 10]], table.column("xp_teff").to_numpy()[[0, 10]])
+    np.testing.assert_allclose(
+        table.column("teff").to_numpy()[[0, 10]], table.column("xp_teff").to_numpy()[[0, 10]]
+    )
     # elsewhere the combination is the inverse-variance mean, so its sigma is below each one's
     both = np.arange(20) % 10 != 0
     err = table.column("teff_err").to_numpy()[both]
@@ -41,7 +43,9 @@ def test_predict_labels_for_both_modalities(shard_file, tiny_model):
 def test_predict_store_streams_every_star(tmp_path, shard_file, tiny_model):
     ingest(shard_file, tmp_path / "store", "DR1", progress=False)
     table = predict_store(tmp_path / "store", model=str(tiny_model))
-    assert sorted(table.column("source_id").to_pylist()) == sorted(pq.read_table(shard_file).column("source_id").to_pylist())
+    assert sorted(table.column("source_id").to_pylist()) == sorted(
+        pq.read_table(shard_file).column("source_id").to_pylist()
+    )
 
 
 def test_translate_gives_the_target_grid(shard_file, tiny_model):
@@ -68,7 +72,18 @@ def test_cli_predict_bad_file_is_one_line(tmp_path, tiny_model):
 def test_cli_translate_writes_csv(tmp_path, shard_file, tiny_model):
     out = tmp_path / "pred.csv"
     result = CliRunner().invoke(
-        app, ["translate", "--to", "lrs", "--spectrum", str(shard_file), "--model", str(tiny_model), "-o", str(out)]
+        app,
+        [
+            "translate",
+            "--to",
+            "lrs",
+            "--spectrum",
+            str(shard_file),
+            "--model",
+            str(tiny_model),
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()

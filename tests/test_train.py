@@ -49,17 +49,35 @@ def test_stages_chain_and_the_model_embeds(tmp_path, shards):
     lrs = pretrain("lrs", [shards], tmp_path / "lrs", TINY, cfg, device="cpu", log=lambda s: None)
     xp = pretrain("xp", [shards], tmp_path / "xp", TINY, cfg, device="cpu", log=lambda s: None)
     assert lrs["epochs"] == 2 and math.isfinite(xp["best"])
-    history = [json.loads(line) for line in (tmp_path / "xp" / "metrics.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line) for line in (tmp_path / "xp" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert history[1]["train_loss"] < history[0]["train_loss"]  # the autoencoder learns
-    align([shards], tmp_path / "lrs" / "best", tmp_path / "xp" / "best", tmp_path / "clip", "pr", TINY, cfg,
-          device="cpu", log=lambda s: None)
+    align(
+        [shards],
+        tmp_path / "lrs" / "best",
+        tmp_path / "xp" / "best",
+        tmp_path / "clip",
+        "pr",
+        TINY,
+        cfg,
+        device="cpu",
+        log=lambda s: None,
+    )
     # the aligned model starts from the pre-trained encoders, which stay frozen
     pre = load_model(tmp_path / "xp" / "best")
     aligned = load_model(tmp_path / "clip" / "best")
     for name, value in pre.state_dict().items():
         torch.testing.assert_close(aligned.xp_encoder.state_dict()[name], value)
-    finetune(tmp_path / "clip" / "best", [shards], tmp_path / "final", "both",
-             TrainConfig(epochs=3, batch_size=64), device="cpu", log=lambda s: None)
+    finetune(
+        tmp_path / "clip" / "best",
+        [shards],
+        tmp_path / "final",
+        "both",
+        TrainConfig(epochs=3, batch_size=64),
+        device="cpu",
+        log=lambda s: None,
+    )
     card = read_card(tmp_path / "final")
     assert card["stage"] == "finetune" and card["labels_fitted"] is True
 
@@ -89,11 +107,20 @@ def test_resume_continues_where_it_stopped(tmp_path, shards):
     torch.manual_seed(0)
     pretrain("xp", [shards], tmp_path / "full", TINY, cfg, device="cpu", log=lambda s: None)
     torch.manual_seed(0)
-    pretrain("xp", [shards], tmp_path / "cut", TINY, TrainConfig(**{**cfg.__dict__, "stop_after": 1}),
-             device="cpu", log=lambda s: None)
+    pretrain(
+        "xp",
+        [shards],
+        tmp_path / "cut",
+        TINY,
+        TrainConfig(**{**cfg.__dict__, "stop_after": 1}),
+        device="cpu",
+        log=lambda s: None,
+    )
     state = json.loads((tmp_path / "cut" / STATE_FILE).read_text())
     assert state["epoch"] == 1  # as if killed after the first epoch's checkpoint
-    pretrain("xp", [shards], tmp_path / "cut", TINY, cfg, device="cpu", resume=True, log=lambda s: None)
+    pretrain(
+        "xp", [shards], tmp_path / "cut", TINY, cfg, device="cpu", resume=True, log=lambda s: None
+    )
     full = load_model(tmp_path / "full").state_dict()
     resumed = load_model(tmp_path / "cut").state_dict()
     for name, value in full.items():
