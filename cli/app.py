@@ -129,11 +129,15 @@ def ingest(
     source: Annotated[Path, typer.Argument(help="A file or folder of survey files or shards.")],
     store: StoreOpt,
     release: Annotated[str, typer.Option(help="Data-release name, e.g. DR1.")],
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Processes parsing LAMOST FITS files (default: one per core).", min=1),
+    ] = None,
 ) -> None:
     """Raw survey files (LAMOST FITS, Gaia XP products) or shards into canonical shards."""
     from specsearch.ingest import ingest as ingest_files
 
-    summary = ingest_files(source, store, release)
+    summary = ingest_files(source, store, release, workers=workers)
     typer.echo(summary)
 
 

@@ -419,6 +419,7 @@ def _read_all(
     rows_per_batch: int,
     progress: Progress,
     runs: _Runs,
+    workers: int = 1,
 ) -> None:
     """Run every file through its reader, adding each batch (conformed rows, rejects) to runs."""
     on_error = "raise" if single else "reject"
@@ -426,7 +427,9 @@ def _read_all(
     lamost = [f for f, kind in zip(files, formats, strict=True) if kind == "lamost"]
     for start, (shards, rejects) in zip(
         range(0, len(lamost), batch_size),
-        read_lamost(lamost, release, batch_size, on_error=on_error, provenance=True),
+        read_lamost(
+            lamost, release, batch_size, on_error=on_error, provenance=True, workers=workers
+        ),
         strict=True,
     ):
         progress.advance(task, min(batch_size, len(lamost) - start))
@@ -498,6 +501,7 @@ def _scan(
     rows_per_batch: int,
     bar: Progress,
     spill_dir: Path | None,
+    workers: int = 1,
 ) -> tuple[_Runs, list[str]]:
     """Read every file of ``source`` into runs; returns them with each file's detected format."""
     check_release(release)
@@ -514,7 +518,7 @@ def _scan(
     for file in files:
         formats.append(detect_format(file))
         bar.advance(task)
-    _read_all(files, formats, release, single, batch_size, rows_per_batch, bar, runs)
+    _read_all(files, formats, release, single, batch_size, rows_per_batch, bar, runs, workers)
     return runs, formats
 
 
@@ -575,6 +579,7 @@ def ingest(
     batch_size: int = 256,
     rows_per_batch: int = 4096,
     rows_per_file: int = 50_000,
+    workers: int | None = None,
     progress: bool = True,
 ) -> str:
     """Ingest ``source`` (a file or a folder) as release ``release`` of ``store``.
@@ -583,8 +588,10 @@ def ingest(
     source_id and spilled to a temporary folder inside the store, then merged slice by slice
     straight into the shard files (see read_source for the rules).
     batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables;
-    rows_per_file: stars per shard file. Returns a one-line summary. Raises InputError for a bad
-    single file or an empty release (the store is then left as it was).
+    rows_per_file: stars per shard file; workers: processes parsing LAMOST FITS files (default
+    one per core; a few hundred files are read in this process). Returns a one-line summary.
+    Raises InputError for a bad single file or an empty release (the store is then left as it
+    was).
     """
     source = Path(source)
     check_release(release)
@@ -605,7 +612,15 @@ def ingest(
 
     try:
         with progress_bar(progress) as bar:
-            runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, spill_dir)
+            runs, formats = _scan(
+                source,
+                release,
+                batch_size,
+                rows_per_batch,
+                bar,
+                spill_dir,
+                workers or os.cpu_count() or 1,
+            )
             chunks = _merged_chunks(runs, source, release, bar, rows_per_file)
             first = next(chunks)  # an empty release raises here, before the store is written
             store = store if isinstance(store, Store) else Store(root)

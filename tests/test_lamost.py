@@ -276,3 +276,28 @@ def test_write_lamost_fits_layouts(tmp_path):
         assert hdul[1].name == "COADD" and hdul[1].data["FLUX"].shape == (1, 3909)
     with pytest.raises(ValueError, match="layout"):
         write_lamost_fits(tmp_path / "c.fits", NATIVE, NATIVE, NATIVE, layout="cube")
+
+
+def test_worker_processes_give_the_same_rows_and_rejects(tmp_path, good_files, monkeypatch):
+    import specsearch.surveys.lamost as lamost
+
+    image, table = good_files
+    data = image.read_bytes()
+    (tmp_path / "trunc.fits").write_bytes(data[: len(data) // 2])
+    paths = [image, tmp_path / "trunc.fits", table] * 4  # 12 files, 3 batches of 5
+    started = []
+    real_pool = lamost.ProcessPoolExecutor
+    monkeypatch.setattr(
+        lamost, "ProcessPoolExecutor", lambda n, **kw: started.append(n) or real_pool(n, **kw)
+    )
+    alone = read_all(paths, batch_size=5)
+    assert started == []  # workers=1: no pool
+    pooled = read_all(paths, batch_size=5, workers=2)
+    assert started == [2]
+    assert pooled[0].equals(alone[0]) and pooled[1].equals(alone[1])
+    assert pooled[0].column("obsid").to_pylist() == [101, 102] * 4
+    # the truncated file's ids travel back from the worker with its reason
+    assert pooled[1].column("obsid").to_pylist() == [101] * 4
+    assert all(r.startswith("truncated FITS") for r in pooled[1].column("reason").to_pylist())
+    with pytest.raises(InputError, match=r"trunc\.fits: truncated FITS"):
+        read_all(paths, batch_size=5, workers=2, on_error="raise")

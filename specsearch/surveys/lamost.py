@@ -35,12 +35,17 @@ LRS grid ..., needs >= 90%", "only N% of the LRS grid has good pixels (...), nee
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import gzip
 import io
+import itertools
 import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -476,6 +481,7 @@ def read_lamost(
     *,
     on_error: str = "reject",
     provenance: bool = False,
+    workers: int = 1,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Read LAMOST LRS FITS files onto the canonical grid, ``batch_size`` files at a time.
 
@@ -485,36 +491,70 @@ def read_lamost(
     that cannot be used is one rejects row with its reason (see the module doc).
     on_error: "reject" (default) as above, or "raise": the first unusable file raises
     InputError, one line naming the file and the reason.
+    workers: processes that read whole batches (one per core scales the reading of a survey);
+    with a single batch it is read in this process. The output does not depend on it.
     """
     if on_error not in ("reject", "raise"):
         raise ValueError(f"on_error must be 'reject' or 'raise', not {on_error!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
-    for start in range(0, len(paths), batch_size):
-        spectra: list[LamostSpectrum] = []
-        records: list[Mapping[str, Any]] = []
-        for path in paths[start : start + batch_size]:
-            try:
-                spectrum = _read_lamost_file(path)
-                _check(spectrum)
-                spectra.append(spectrum)
-            except _Unusable as err:
-                if on_error == "raise":
-                    raise InputError(f"{path}: {err}") from None
-                pseudo = -err.obsid if err.obsid is not None else None
-                records.append(
-                    {
-                        "file": str(path),
-                        "source_id": err.source_id if err.source_id is not None else pseudo,
-                        "obsid": err.obsid,
-                        "reason": str(err),
-                    }
-                )
-        table, low_quality = lamost_batch(spectra, release, provenance=provenance)
-        if low_quality and on_error == "raise":
-            raise InputError(f"{low_quality[0]['file']}: {low_quality[0]['reason']}")
-        yield table, rejects_table(release, [*records, *low_quality])
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    job = functools.partial(_read_batch, release=release, provenance=provenance, on_error=on_error)
+    workers = min(workers, len(batches))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # whole batches to worker processes: parsing, resampling, continuum
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = _in_order(pool, job, batches, ahead=2 * workers)
+        else:
+            results = map(job, batches)
+        for table, rejects, error in results:
+            if error is not None:
+                raise InputError(error)
+            yield table, rejects
+
+
+def _read_batch(
+    paths: list[Path], release: str, provenance: bool, on_error: str
+) -> tuple[pa.Table | None, pa.Table | None, str | None]:
+    """One batch of files -> (shards, rejects, None), or (None, None, the one-line error) for
+    the first unusable file when on_error is "raise". Runs in a worker process when asked."""
+    spectra: list[LamostSpectrum] = []
+    records: list[Mapping[str, Any]] = []
+    for path in paths:
+        try:
+            spectrum = _read_lamost_file(path)
+            _check(spectrum)
+            spectra.append(spectrum)
+        except _Unusable as err:
+            if on_error == "raise":
+                return None, None, f"{path}: {err}"
+            pseudo = -err.obsid if err.obsid is not None else None
+            records.append(
+                {
+                    "file": str(path),
+                    "source_id": err.source_id if err.source_id is not None else pseudo,
+                    "obsid": err.obsid,
+                    "reason": str(err),
+                }
+            )
+    table, low_quality = lamost_batch(spectra, release, provenance=provenance)
+    if low_quality and on_error == "raise":
+        return None, None, f"{low_quality[0]['file']}: {low_quality[0]['reason']}"
+    return table, rejects_table(release, [*records, *low_quality]), None
+
+
+def _in_order(pool: ProcessPoolExecutor, job: Any, items: list, ahead: int) -> Iterator[Any]:
+    """pool.map with at most ``ahead`` items in flight, so finished batches never pile up."""
+    pending: collections.deque = collections.deque()
+    remaining = iter(items)
+    for item in itertools.islice(remaining, ahead):
+        pending.append(pool.submit(job, item))
+    while pending:
+        result = pending.popleft().result()
+        for item in itertools.islice(remaining, 1):
+            pending.append(pool.submit(job, item))
+        yield result
 
 
 # ------------------------------------------------------------------ writing (tests, docs)
