@@ -38,6 +38,8 @@ of the release (1.00 GB at 20k stars, 1.17 GB at 200k, both modalities).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import itertools
 import os
@@ -45,6 +47,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -55,6 +58,7 @@ import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from .errors import InputError, SpecsearchError
+from .pool import ordered_map
 from .progress import bar as progress_bar
 from .schema import (
     REJECTS_SCHEMA,
@@ -434,48 +438,78 @@ def _read_all(
     ):
         progress.advance(task, min(batch_size, len(lamost) - start))
         runs.add(_conform(shards, release, ""), rejects)
-    for file, kind in zip(files, formats, strict=True):
-        if kind == "lamost":
-            continue
-        if kind == "shards":
-            for shards, rejects in read_shards(
-                file, release, rows_per_batch, on_error=on_error, provenance=True
-            ):
-                runs.add(_conform(shards, release, str(file)), rejects)
-        elif kind == "gaia_xp":
-            _read_gaia_xp(file, release, rows_per_batch, single, runs)
-        elif kind == "unknown":
-            if single:
-                raise InputError(f"{file}: {_UNKNOWN}")
-            runs.add(
-                SHARD_SCHEMA.empty_table(),
-                rejects_table(release, [{"file": str(file), "reason": _UNKNOWN}]),
-            )
-        elif kind == "side_table" and single:
-            raise InputError(f"{file}: a rejects or truth table, not survey spectra")
-        progress.advance(task)
+    xp_files = [f for f, kind in zip(files, formats, strict=True) if kind == "gaia_xp"]
+    with contextlib.ExitStack() as stack:
+        xp_results = None
+        if workers > 1 and len(xp_files) > 1:  # XP files read and converted in parallel
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(xp_files))))
+            job = functools.partial(_read_xp_file, release=release, rows_per_batch=rows_per_batch)
+            xp_results = ordered_map(pool, job, xp_files, ahead=2 * workers)
+        for file, kind in zip(files, formats, strict=True):
+            if kind == "lamost":
+                continue
+            if kind == "shards":
+                for shards, rejects in read_shards(
+                    file, release, rows_per_batch, on_error=on_error, provenance=True
+                ):
+                    runs.add(_conform(shards, release, str(file)), rejects)
+            elif kind == "gaia_xp":
+                if xp_results is not None:
+                    batches, error = next(xp_results)
+                    for shards, rejects in batches:
+                        runs.add(shards, rejects)
+                else:
+                    mark = runs.mark()
+                    try:
+                        for shards, rejects in _xp_batches(file, release, rows_per_batch):
+                            runs.add(shards, rejects)
+                        error = None
+                    except _READ_ERRORS as err:
+                        runs.rollback(mark)
+                        error = _xp_error(file, err)
+                if error is not None:
+                    if single:
+                        raise InputError(error)
+                    reason = f"unreadable Gaia XP product: {error.removeprefix(f'{file}: ')}"
+                    runs.add(
+                        SHARD_SCHEMA.empty_table(),
+                        rejects_table(release, [{"file": str(file), "reason": reason}]),
+                    )
+            elif kind == "unknown":
+                if single:
+                    raise InputError(f"{file}: {_UNKNOWN}")
+                runs.add(
+                    SHARD_SCHEMA.empty_table(),
+                    rejects_table(release, [{"file": str(file), "reason": _UNKNOWN}]),
+                )
+            elif kind == "side_table" and single:
+                raise InputError(f"{file}: a rejects or truth table, not survey spectra")
+            progress.advance(task)
 
 
-def _read_gaia_xp(file: Path, release: str, rows_per_batch: int, single: bool, runs: _Runs) -> None:
-    """One XP file, all or nothing: a file that fails part-way contributes no rows."""
+def _xp_batches(
+    file: Path, release: str, rows_per_batch: int
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """One Gaia XP product as conformed batches (rows, rejects)."""
     gaia_xp = _gaia_xp_module()
     assert gaia_xp is not None  # detect_format only says "gaia_xp" when the module exists
-    mark = runs.mark()
+    for shards, rejects in gaia_xp.read_gaia_xp(file, release, rows_per_batch):
+        yield _conform(shards, release, str(file)), rejects
+
+
+def _xp_error(file: Path, err: BaseException) -> str:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return message if message.startswith(str(file)) else f"{file}: {message}"
+
+
+def _read_xp_file(
+    file: Path, release: str, rows_per_batch: int
+) -> tuple[list[tuple[pa.Table, pa.Table]], str | None]:
+    """A worker's job: one whole XP file, all or nothing -> (batches, None) or ([], error)."""
     try:
-        for shards, rejects in gaia_xp.read_gaia_xp(file, release, rows_per_batch):
-            runs.add(_conform(shards, release, str(file)), rejects)
+        return list(_xp_batches(file, release, rows_per_batch)), None
     except _READ_ERRORS as err:
-        runs.rollback(mark)
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if not message.startswith(str(file)):
-            message = f"{file}: {message}"
-        if single:
-            raise InputError(message) from None
-        reason = f"unreadable Gaia XP product: {message.removeprefix(f'{file}: ')}"
-        runs.add(
-            SHARD_SCHEMA.empty_table(),
-            rejects_table(release, [{"file": str(file), "reason": reason}]),
-        )
+        return [], _xp_error(file, err)
 
 
 def _tidy_rejects(rejects: list[pa.Table], release: str, names: dict[str, str]) -> pa.Table:

@@ -513,3 +513,44 @@ def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, r
         pq.write_table(table.append_column("extra", value), tmp_path / f"src/{name}.parquet")
     with pytest.raises(InputError, match=r"^\S+src: files disagree on a column type \(.*\)$"):
         ingest(tmp_path / "src", tmp_path / "store", "DR1", progress=False)
+
+
+def test_xp_files_in_worker_processes_give_the_same_release(tmp_path, monkeypatch):
+    pytest.importorskip("specsearch.surveys.gaia_xp")
+    import specsearch.ingest as ingest_module
+
+    started = []
+    real_pool = ingest_module.ProcessPoolExecutor
+    monkeypatch.setattr(
+        ingest_module, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    xp_flux, xp_error = xp_spectrum(4)
+    for i, ids in enumerate(((G1, G2), (G2, G3), (G3, G1))):  # every star twice, S/N differs
+        lines = ["source_id,wavelength,flux,flux_error"]
+        rows = slice(i, i + 2)
+        for source_id, flux, error in zip(
+            ids, xp_flux[rows], xp_error[rows] * (i + 1), strict=True
+        ):
+            lines += [
+                f"{source_id},{w:.1f},{f:.9e},{e:.9e}"
+                for w, f, e in zip(XP_WAVELENGTH, flux, error, strict=True)
+            ]
+        (src / f"XP_SAMPLED_{i}.csv").write_text("\n".join(lines) + "\n")
+    (src / "XP_SAMPLED_9.csv").write_text("source_id,wavelength,flux,flux_error\n1,336.0,1e-17")
+    stores = {}
+    for workers in (1, 2):
+        stores[workers] = Store(tmp_path / f"s{workers}")
+        summary = ingest(src, stores[workers].root, "DR1", workers=workers, progress=False)
+        assert summary.startswith("ingested DR1: 3 stars (0 LRS, 3 XP, 0 both) from 4 files, 4")
+    assert started == [2]  # workers=1 reads in this process
+    assert stores[2].shards("DR1").to_table().equals(stores[1].shards("DR1").to_table())
+    assert stores[2].rejects("DR1").equals(stores[1].rejects("DR1"))
+    reasons = stores[2].rejects("DR1").column("reason").to_pylist()
+    assert [r.split(" (")[0] for r in reasons[:3]] == [
+        "duplicate source_id: XP kept from XP_SAMPLED_0.csv",  # G2 in file 1
+        "duplicate source_id: XP kept from XP_SAMPLED_0.csv",  # G1 in file 2
+        "duplicate source_id: XP kept from XP_SAMPLED_1.csv",  # G3 in file 2
+    ]
+    assert reasons[3].startswith("unreadable Gaia XP product: cannot read Gaia XP file")

@@ -35,12 +35,10 @@ LRS grid ..., needs >= 90%", "only N% of the LRS grid has good pixels (...), nee
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import gzip
 import io
-import itertools
 import os
 import warnings
 import zlib
@@ -62,6 +60,7 @@ from ..grids import (
     normalise_lrs,
     resample_lrs,
 )
+from ..pool import ordered_map
 from ..schema import SHARD_SCHEMA, make_shard_table
 from .shards import FILE_COLUMN, MIN_LRS_GOOD_FRACTION, ROW_COLUMN, rejects_table
 
@@ -505,7 +504,7 @@ def read_lamost(
     with contextlib.ExitStack() as stack:
         if workers > 1:  # whole batches to worker processes: parsing, resampling, continuum
             pool = stack.enter_context(ProcessPoolExecutor(workers))
-            results = _in_order(pool, job, batches, ahead=2 * workers)
+            results = ordered_map(pool, job, batches, ahead=2 * workers)
         else:
             results = map(job, batches)
         for table, rejects, error in results:
@@ -542,19 +541,6 @@ def _read_batch(
     if low_quality and on_error == "raise":
         return None, None, f"{low_quality[0]['file']}: {low_quality[0]['reason']}"
     return table, rejects_table(release, [*records, *low_quality]), None
-
-
-def _in_order(pool: ProcessPoolExecutor, job: Any, items: list, ahead: int) -> Iterator[Any]:
-    """pool.map with at most ``ahead`` items in flight, so finished batches never pile up."""
-    pending: collections.deque = collections.deque()
-    remaining = iter(items)
-    for item in itertools.islice(remaining, ahead):
-        pending.append(pool.submit(job, item))
-    while pending:
-        result = pending.popleft().result()
-        for item in itertools.islice(remaining, 1):
-            pending.append(pool.submit(job, item))
-        yield result
 
 
 # ------------------------------------------------------------------ writing (tests, docs)
