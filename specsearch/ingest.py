@@ -52,7 +52,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -63,7 +62,7 @@ import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from .errors import InputError, SpecsearchError
-from .pool import ordered_map
+from .pool import parallel_map
 from .progress import bar as progress_bar
 from .schema import (
     REJECTS_SCHEMA,
@@ -447,9 +446,8 @@ def _read_all(
     with contextlib.ExitStack() as stack:
         xp_results = None
         if workers > 1 and len(xp_files) > 1:  # XP files read and converted in parallel
-            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(xp_files))))
             job = functools.partial(_read_xp_file, release=release, rows_per_batch=rows_per_batch)
-            xp_results = ordered_map(pool, job, xp_files, ahead=2 * workers)
+            xp_results = stack.enter_context(parallel_map(job, xp_files, workers))
         for file, kind in zip(files, formats, strict=True):
             if kind == "lamost":
                 continue
@@ -561,12 +559,10 @@ def _scan(
     return runs, formats
 
 
-def _merged_chunks(
-    runs: _Runs, source: Path, release: str, bar: Progress, rows_per_file: int
-) -> Iterator[pa.Table]:
-    """The merged release in source_id order, a slice of at most _MERGE_ROWS source_ids at a
-    time, cut so that no slice crosses a multiple of ``rows_per_file``. The duplicates found are
-    appended to ``runs.rejects``. Raises InputError before yielding anything when no row is left."""
+def _merged_chunks(runs: _Runs, source: Path, release: str, bar: Progress) -> Iterator[pa.Table]:
+    """The merged release in source_id order, _MERGE_ROWS source_ids at a time. The duplicates
+    found are appended to ``runs.rejects``. Raises InputError before yielding anything when no
+    row is left."""
     ids = runs.unique_ids()
     if not len(ids):
         rejected = _tidy_rejects(runs.rejects, release, runs.names)
@@ -578,15 +574,14 @@ def _merged_chunks(
         )
     schema = runs.schema()
     task = bar.add_task("merging", total=len(ids))
-    for part in range(0, len(ids), rows_per_file):
-        for start in range(part, min(part + rows_per_file, len(ids)), _MERGE_ROWS):
-            chunk = ids[start : min(start + _MERGE_ROWS, part + rows_per_file, len(ids))]
-            rows = runs.rows_between(int(chunk[0]), int(chunk[-1]), schema)
-            merged, duplicates = merge_by_source_id(rows, release)
-            if duplicates.num_rows:
-                runs.rejects.append(duplicates)
-            bar.advance(task, len(chunk))
-            yield merged
+    for start in range(0, len(ids), _MERGE_ROWS):
+        chunk = ids[start : start + _MERGE_ROWS]
+        rows = runs.rows_between(int(chunk[0]), int(chunk[-1]), schema)
+        merged, duplicates = merge_by_source_id(rows, release)
+        if duplicates.num_rows:
+            runs.rejects.append(duplicates)
+        bar.advance(task, len(chunk))
+        yield merged
 
 
 def read_source(
@@ -606,7 +601,7 @@ def read_source(
     source = Path(source)
     with progress_bar(progress) as bar:
         runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, None)
-        chunks = list(_merged_chunks(runs, source, release, bar, rows_per_file=1 << 62))
+        chunks = list(_merged_chunks(runs, source, release, bar))
     return pa.concat_tables(chunks), _tidy_rejects(runs.rejects, release, runs.names), formats
 
 
@@ -660,7 +655,7 @@ def ingest(
                 spill_dir,
                 workers or os.cpu_count() or 1,
             )
-            chunks = _merged_chunks(runs, source, release, bar, rows_per_file)
+            chunks = _merged_chunks(runs, source, release, bar)
             first = next(chunks)  # an empty release raises here, before the store is written
             store = store if isinstance(store, Store) else Store(root)
             entry = store.write_release(

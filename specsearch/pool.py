@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
+
+
+@contextlib.contextmanager
+def parallel_map(
+    job: Callable[[Any], Any], items: Iterable[Any], workers: int
+) -> Iterator[Iterator[Any]]:
+    """Yield the results of ``job`` over ``items``, in order: from ``workers`` processes when
+    there are that many and more than one item, else computed here. ``job`` and the items must
+    pickle (a module-level function or a functools.partial of one)."""
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        yield map(job, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield ordered_map(pool, job, items, ahead=2 * workers)
 
 
 def ordered_map(

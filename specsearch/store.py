@@ -210,9 +210,8 @@ class Store:
 
     def releases(self) -> list[str]:
         """Releases with ingested shards, in the order they were added."""
-        recorded = list(
-            self.read_manifest().get("releases", {})
-        )  # JSON objects keep insertion order
+        # JSON objects keep their insertion order
+        recorded = list(self.read_manifest().get("releases", {}))
         return [r for r in recorded if self.shard_dir(r).exists()]
 
     # --- shards

@@ -517,12 +517,12 @@ def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, r
 
 def test_xp_files_in_worker_processes_give_the_same_release(tmp_path, monkeypatch):
     pytest.importorskip("specsearch.surveys.gaia_xp")
-    import specsearch.ingest as ingest_module
+    import specsearch.pool
 
     started = []
-    real_pool = ingest_module.ProcessPoolExecutor
+    real_pool = specsearch.pool.ProcessPoolExecutor
     monkeypatch.setattr(
-        ingest_module, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
+        specsearch.pool, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
     )
     src = tmp_path / "src"
     src.mkdir()

@@ -279,16 +279,16 @@ def test_write_lamost_fits_layouts(tmp_path):
 
 
 def test_worker_processes_give_the_same_rows_and_rejects(tmp_path, good_files, monkeypatch):
-    import specsearch.surveys.lamost as lamost
+    import specsearch.pool
 
     image, table = good_files
     data = image.read_bytes()
     (tmp_path / "trunc.fits").write_bytes(data[: len(data) // 2])
     paths = [image, tmp_path / "trunc.fits", table] * 4  # 12 files, 3 batches of 5
     started = []
-    real_pool = lamost.ProcessPoolExecutor
+    real_pool = specsearch.pool.ProcessPoolExecutor
     monkeypatch.setattr(
-        lamost, "ProcessPoolExecutor", lambda n, **kw: started.append(n) or real_pool(n, **kw)
+        specsearch.pool, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
     )
     alone = read_all(paths, batch_size=5)
     assert started == []  # workers=1: no pool

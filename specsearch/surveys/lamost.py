@@ -35,7 +35,6 @@ LRS grid ..., needs >= 90%", "only N% of the LRS grid has good pixels (...), nee
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import io
@@ -43,7 +42,6 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +58,7 @@ from ..grids import (
     normalise_lrs,
     resample_lrs,
 )
-from ..pool import ordered_map
+from ..pool import parallel_map
 from ..schema import SHARD_SCHEMA, make_shard_table
 from .shards import FILE_COLUMN, MIN_LRS_GOOD_FRACTION, ROW_COLUMN, rejects_table
 
@@ -500,13 +498,8 @@ def read_lamost(
     paths = [Path(p) for p in paths]
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     job = functools.partial(_read_batch, release=release, provenance=provenance, on_error=on_error)
-    workers = min(workers, len(batches))
-    with contextlib.ExitStack() as stack:
-        if workers > 1:  # whole batches to worker processes: parsing, resampling, continuum
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
-            results = ordered_map(pool, job, batches, ahead=2 * workers)
-        else:
-            results = map(job, batches)
+    # whole batches to worker processes: parsing, resampling, continuum
+    with parallel_map(job, batches, workers) as results:
         for table, rejects, error in results:
             if error is not None:
                 raise InputError(error)
