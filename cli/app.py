@@ -131,7 +131,9 @@ def ingest(
     release: Annotated[str, typer.Option(help="Data-release name, e.g. DR1.")],
     workers: Annotated[
         int | None,
-        typer.Option(help="Processes parsing LAMOST FITS files (default: one per core).", min=1),
+        typer.Option(
+            help="Processes reading LAMOST and Gaia XP files (default: one per core).", min=1
+        ),
     ] = None,
 ) -> None:
     """Raw survey files (LAMOST FITS, Gaia XP products) or shards into canonical shards."""

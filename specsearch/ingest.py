@@ -622,8 +622,9 @@ def ingest(
     source_id and spilled to a temporary folder inside the store, then merged slice by slice
     straight into the shard files (see read_source for the rules).
     batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables;
-    rows_per_file: stars per shard file; workers: processes parsing LAMOST FITS files (default
-    one per core; a few hundred files are read in this process). Returns a one-line summary.
+    rows_per_file: stars per shard file; workers: processes reading LAMOST and Gaia XP files
+    (default one per core; one LAMOST batch or one XP file is read in this process). Returns a
+    one-line summary.
     Raises InputError for a bad single file or an empty release (the store is then left as it
     was).
     """
