@@ -33,7 +33,7 @@ ingest writes byte-identical shard files. Everything goes through ``Store.write_
 Memory. ``ingest`` never holds a release: reader batches are sorted by source_id into runs of
 about 128 MB spilled to a scratch folder inside the store (removed afterwards), and the runs are
 merged 4096 source_ids at a time straight into the shard files. Peak memory is flat in the size
-of the release (1.03 GB at 20k stars, 1.14 GB at 200k, both modalities: benchmarks/bench_ingest.py).
+of the release (0.96 GB at 20k stars, 1.11 GB at 200k, both modalities: benchmarks/bench_ingest.py).
 
 Workers. With ``workers`` > 1, LAMOST files are read in batches and Gaia XP products one whole
 file at a time by worker processes, at most 2 x workers jobs ahead of the merge (so an XP product
