@@ -109,12 +109,20 @@ def xp_inputs(xp_flux) -> dict[str, np.ndarray]:
     return {"x": x, "stats": stats, "norm": norm.astype(np.float32), "present": present}
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        "can't allocate memory" in str(err)
+    )
+
+
 class SpecCLIPRunner:
     """A loaded SpecCLIP model that maps batches of spectra to embeddings, spectra and labels.
 
     model: a model id ("default", shipped or user-installed), a model directory, or a
     SpecCLIPModel in memory. device: "auto", "cpu" or "cuda" (bf16 autocast on CUDA).
-    batch_size: stars per forward pass (default 256 on CPU, 2048 on CUDA).
+    batch_size: stars per forward pass (default 256 on CPU, 2048 on CUDA); halved, for the rest
+    of the run, whenever a batch runs out of memory.
     """
 
     def __init__(
@@ -211,9 +219,22 @@ class SpecCLIPRunner:
         out = self._allocate(n, wanted)
         out["has_lrs"] = np.zeros(n, bool) if lrs is None else lrs["present"]
         out["has_xp"] = np.zeros(n, bool) if xp is None else xp["present"]
-        for start in range(0, n, self.batch_size):
+        start = 0
+        while start < n:
             rows = np.arange(start, min(start + self.batch_size, n))
-            self._forward_rows(rows, lrs, xp, out)
+            try:
+                self._forward_rows(rows, lrs, xp, out)
+            except (RuntimeError, MemoryError) as err:
+                if not _out_of_memory(err):
+                    raise
+                if self.batch_size == 1:
+                    raise SpecsearchError(f"out of memory with one star per batch: {err}") from None
+                # the batch adapts to memory: halve it and redo these rows, for the rest of the run
+                self.batch_size = max(1, self.batch_size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += len(rows)
         self._combine(out)
         return {k: v for k, v in out.items() if k in wanted or k in ("has_lrs", "has_xp")}
 

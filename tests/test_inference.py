@@ -77,6 +77,40 @@ def test_embeddings_are_unit_vectors_and_batch_size_free(pr_model):
     )
 
 
+def test_a_batch_that_runs_out_of_memory_is_halved_and_redone(pr_model, monkeypatch):
+    lrs, ivar, xp, err = spectra(70)
+    reference = runner_for(pr_model, batch_size=64).run_batch(lrs, ivar, xp, err)
+    runner = runner_for(pr_model, batch_size=64)
+    real = pr_model.lrs_features
+    seen = []
+
+    def limited(z, stats, ivar):  # as if only 20 stars fit in memory
+        seen.append(len(z))
+        if len(z) > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(z, stats, ivar)
+
+    monkeypatch.setattr(pr_model, "lrs_features", limited)
+    out = runner.run_batch(lrs, ivar, xp, err)
+    assert runner.batch_size == 16 and seen[:3] == [64, 32, 16]
+    for key in ("lrs_embedding", "xp_embedding", "lrs_recon", "lrs_from_xp"):
+        np.testing.assert_allclose(out[key], reference[key], atol=1e-5, rtol=1e-5, err_msg=key)
+
+    def cpu_full(z, stats, ivar):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 4 GB")
+
+    monkeypatch.setattr(pr_model, "lrs_features", cpu_full)
+    with pytest.raises(SpecsearchError, match="^out of memory with one star per batch"):
+        runner_for(pr_model, batch_size=4).run_batch(lrs[:3], ivar[:3], xp[:3], err[:3])
+
+    def broken(z, stats, ivar):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(pr_model, "lrs_features", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not retried
+        runner_for(pr_model, batch_size=4).run_batch(lrs[:3], ivar[:3], xp[:3], err[:3])
+
+
 def test_missing_modality_rows_are_nan(pr_model):
     lrs, ivar, xp, err = spectra(6)
     lrs[1] = np.nan
