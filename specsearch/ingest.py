@@ -32,8 +32,10 @@ ingest writes byte-identical shard files. Everything goes through ``Store.write_
 
 Memory. ``ingest`` never holds a release: reader batches are sorted by source_id into runs of
 about 128 MB spilled to a scratch folder inside the store (removed afterwards), and the runs are
-merged 4096 source_ids at a time straight into the shard files. Peak memory is flat in the size
-of the release (0.96 GB at 20k stars, 1.11 GB at 200k, both modalities: benchmarks/bench_ingest.py).
+merged 4096 source_ids at a time straight into the shard files. Peak memory hardly grows with
+the release: about 1.0 GB at 20k stars and 1.1 GB at 200k, both modalities (see
+benchmarks/bench_ingest.py). What does grow is 16 bytes a star (source_id and reading order) and
+one 64-row group per run during the merge: about 1.2 GB more for a 10M-star release (1,100 runs).
 
 Workers. With ``workers`` > 1, LAMOST files are read in batches and Gaia XP products one whole
 file at a time by worker processes, at most 2 x workers jobs ahead of the merge (so an XP product
@@ -86,7 +88,7 @@ SNR_LRS = "_snr_lrs"
 SNR_XP = "_snr_xp"
 _ARRIVAL = "_arrival"  # a row's position in reading order: the merge's tie-break
 _INTERNAL = (*PROVENANCE_COLUMNS, SNR_LRS, SNR_XP, _ARRIVAL)
-_RUN_ROW_GROUP = 128  # rows per row group of a spilled run: the merge keeps one per run
+_RUN_ROW_GROUP = 64  # rows per row group of a spilled run: the merge keeps one per run
 _RUN_BYTES = 128 << 20  # reader batches gathered before a run is sorted and spilled
 _MERGE_ROWS = 4096  # output source_ids merged at a time: one row group of the shard files
 _UNKNOWN = "not a LAMOST LRS FITS file, Gaia XP product or canonical shard"
