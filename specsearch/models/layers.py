@@ -8,6 +8,7 @@ and the two helpers of masked pre-training: `chunk_mask` (which tokens to hide) 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,82 @@ class AttentionPool(nn.Module):
         v = self.v_proj(tokens).view(n, t, self.n_heads, head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v)  # (n, heads, 1, head_dim)
         return self.out_proj(y.transpose(1, 2).reshape(n, width))
+
+
+class MaskedTransformer(nn.Module):
+    """A pre-LayerNorm transformer over the tokens of a spectrum, pre-trained by masked-token
+    modelling: SpecFormer (LRS windows) and the XP transformer (one token per sample).
+
+    A subclass says how spectra become tokens: ``tokenize(*spectra) -> (tokens (n, t, in), weight
+    (n, t, out))``, ``weight`` marking the elements of the first ``out`` channels that carry data
+    (the loss target). Its config has width, depth, n_heads, mlp_ratio, dropout, attention_scale,
+    max_len, seq_len, mask_chunks and mask_chunk_width.
+    """
+
+    def __init__(self, config: Any, in_channels: int, out_channels: int):
+        super().__init__()
+        if config.seq_len > config.max_len:
+            raise ValueError(f"{config.seq_len} tokens exceed max_len {config.max_len}")
+        self.config = config
+        self.token_embed = nn.Linear(in_channels, config.width)
+        self.pos_embed = nn.Embedding(config.max_len, config.width)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                config.width,
+                config.n_heads,
+                config.mlp_ratio,
+                config.dropout,
+                config.attention_scale,
+            )
+            for _ in range(config.depth)
+        )
+        self.ln_f = nn.LayerNorm(config.width)
+        self.head = nn.Linear(config.width, out_channels)
+        init_transformer_weights(self, config.depth)
+
+    def tokenize(self, *spectra: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, t, in_channels) -> hidden states (n, t, width) after the final LayerNorm."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.drop(self.token_embed(tokens) + self.pos_embed(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, *spectra: Any) -> torch.Tensor:
+        """Spectra -> token hidden states (n, t, width): what a CLIP head pools."""
+        tokens, _ = self.tokenize(*spectra)
+        return self.forward_tokens(tokens)
+
+    def embed(self, *spectra: Any) -> torch.Tensor:
+        """Mean over the token hidden states: (n, width). (Attention pooling is the CLIP head's.)"""
+        return self.forward(*spectra).mean(dim=1)
+
+    def masked_loss(
+        self, *spectra: Any, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Hide mask_chunks x mask_chunk_width tokens (all channels set to 0), predict them, MSE
+        on the hidden data elements.
+
+        Returns {"loss", "mask" (n, t) bool, "prediction" (n, t, out), "target"}.
+        """
+        cfg = self.config
+        tokens, weight = self.tokenize(*spectra)
+        mask = chunk_mask(
+            tokens.shape[0],
+            cfg.seq_len,
+            cfg.mask_chunks,
+            cfg.mask_chunk_width,
+            generator,
+            tokens.device,
+        )
+        prediction = self.head(self.forward_tokens(tokens.masked_fill(mask[..., None], 0.0)))
+        target = tokens[..., : self.head.out_features]
+        loss = masked_mse(prediction, target, mask, weight)
+        return {"loss": loss, "mask": mask, "prediction": prediction, "target": target}
 
 
 def init_transformer_weights(module: nn.Module, depth: int) -> None:

@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..grids import N_LRS
-from .layers import Block, chunk_mask, init_transformer_weights, masked_mse
+from .layers import MaskedTransformer
 
 
 @dataclass
@@ -63,30 +62,14 @@ class SpecFormerConfig:
         return self.token_channels + (self.window if self.ivar_channel else 0)
 
 
-class SpecFormer(nn.Module):
+class SpecFormer(MaskedTransformer):
+    """LRS windows as tokens: 145 windows of 20 pixels (stride 10) plus one stats token.
+    ``forward``, ``embed`` and ``masked_loss`` take (lrs_z, lrs_stats, lrs_ivar=None)."""
+
     kind = "specformer"
 
     def __init__(self, config: SpecFormerConfig):
-        super().__init__()
-        if config.seq_len > config.max_len:
-            raise ValueError(f"{config.seq_len} tokens exceed max_len {config.max_len}")
-        self.config = config
-        self.token_embed = nn.Linear(config.in_channels, config.width)
-        self.pos_embed = nn.Embedding(config.max_len, config.width)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                config.width,
-                config.n_heads,
-                config.mlp_ratio,
-                config.dropout,
-                config.attention_scale,
-            )
-            for _ in range(config.depth)
-        )
-        self.ln_f = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.token_channels)
-        init_transformer_weights(self, config.depth)
+        super().__init__(config, config.in_channels, config.token_channels)
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -148,56 +131,3 @@ class SpecFormer(nn.Module):
             0, index, torch.ones_like(index, dtype=values.dtype)
         )
         return total / count  # 0/0 -> NaN where no window reaches
-
-    # --- forward ------------------------------------------------------------------------------
-
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(n, t, in_channels) -> hidden states (n, t, width) after the final LayerNorm."""
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device)
-        x = self.drop(self.token_embed(tokens) + self.pos_embed(pos))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
-
-    def forward(
-        self, lrs_z: torch.Tensor, lrs_stats: torch.Tensor, lrs_ivar: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Spectra -> token hidden states (n, 146, width): what the CLIP head pools."""
-        tokens, _ = self.tokenize(lrs_z, lrs_stats, lrs_ivar)
-        return self.forward_tokens(tokens)
-
-    def embed(
-        self, lrs_z: torch.Tensor, lrs_stats: torch.Tensor, lrs_ivar: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean over the token hidden states: (n, width). (Attention pooling is the CLIP head's.)"""
-        return self.forward(lrs_z, lrs_stats, lrs_ivar).mean(dim=1)
-
-    # --- masked pre-training ------------------------------------------------------------------
-
-    def masked_loss(
-        self,
-        lrs_z: torch.Tensor,
-        lrs_stats: torch.Tensor,
-        lrs_ivar: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Hide 6 x 10 tokens (all channels set to 0), predict them, MSE on the hidden elements.
-
-        Returns {"loss", "mask" (n, 146) bool, "prediction" (n, 146, 21), "target"}.
-        """
-        cfg = self.config
-        tokens, weight = self.tokenize(lrs_z, lrs_stats, lrs_ivar)
-        mask = chunk_mask(
-            tokens.shape[0],
-            cfg.seq_len,
-            cfg.mask_chunks,
-            cfg.mask_chunk_width,
-            generator,
-            tokens.device,
-        )
-        hidden = self.forward_tokens(tokens.masked_fill(mask[..., None], 0.0))
-        prediction = self.head(hidden)
-        target = tokens[..., : cfg.token_channels]
-        loss = masked_mse(prediction, target, mask, weight)
-        return {"loss": loss, "mask": mask, "prediction": prediction, "target": target}

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..grids import N_XP
-from .layers import Block, chunk_mask, init_transformer_weights, masked_mse
+from .layers import MaskedTransformer
 
 
 @dataclass
@@ -41,30 +40,14 @@ class XPTransformerConfig:
         return self.n_pixels + 1
 
 
-class XPTransformer(nn.Module):
+class XPTransformer(MaskedTransformer):
+    """One token per XP sample plus one stats token. ``forward``, ``embed`` and ``masked_loss``
+    take (xp_x, xp_stats)."""
+
     kind = "xp_transformer"
 
     def __init__(self, config: XPTransformerConfig):
-        super().__init__()
-        if config.seq_len > config.max_len:
-            raise ValueError(f"{config.seq_len} tokens exceed max_len {config.max_len}")
-        self.config = config
-        self.token_embed = nn.Linear(config.channels, config.width)
-        self.pos_embed = nn.Embedding(config.max_len, config.width)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                config.width,
-                config.n_heads,
-                config.mlp_ratio,
-                config.dropout,
-                config.attention_scale,
-            )
-            for _ in range(config.depth)
-        )
-        self.ln_f = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.channels)
-        init_transformer_weights(self, config.depth)
+        super().__init__(config, config.channels, config.channels)
 
     def tokenize(
         self, xp_x: torch.Tensor, xp_stats: torch.Tensor
@@ -85,37 +68,3 @@ class XPTransformer(nn.Module):
             tokens[:, 0, 2] = xp_stats[:, 0]
             weight[:, 0, 2] = 1.0
         return tokens, weight
-
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.drop(self.token_embed(tokens) + self.pos_embed(pos))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
-
-    def forward(self, xp_x: torch.Tensor, xp_stats: torch.Tensor) -> torch.Tensor:
-        """Spectra -> token hidden states (n, 344, width)."""
-        tokens, _ = self.tokenize(xp_x, xp_stats)
-        return self.forward_tokens(tokens)
-
-    def embed(self, xp_x: torch.Tensor, xp_stats: torch.Tensor) -> torch.Tensor:
-        """Mean over the token hidden states: (n, width)."""
-        return self.forward(xp_x, xp_stats).mean(dim=1)
-
-    def masked_loss(
-        self, xp_x: torch.Tensor, xp_stats: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Hide 6 x 20 tokens, predict them, MSE on the hidden data elements."""
-        cfg = self.config
-        tokens, weight = self.tokenize(xp_x, xp_stats)
-        mask = chunk_mask(
-            tokens.shape[0],
-            cfg.seq_len,
-            cfg.mask_chunks,
-            cfg.mask_chunk_width,
-            generator,
-            tokens.device,
-        )
-        prediction = self.head(self.forward_tokens(tokens.masked_fill(mask[..., None], 0.0)))
-        loss = masked_mse(prediction, tokens, mask, weight)
-        return {"loss": loss, "mask": mask, "prediction": prediction, "target": tokens}
