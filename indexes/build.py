@@ -28,6 +28,7 @@ from .choose import (
 from .device import CpuDevice, resolve_device
 from .measure import (
     Batches,
+    Tuning,
     drop_self,
     exact_knn_streaming,
     ivf_of,
@@ -279,8 +280,55 @@ def build_index(
         device.discard(work)
     index = device.to_host(work)
     set_search_params(index, tuning.search_params)
-    params = {
-        "factory": candidate,
+    params = _record(
+        factory=candidate,
+        auto=auto,
+        n=n,
+        d=d,
+        k=k,
+        target_recall=target_recall,
+        tuning=tuning,
+        tried=tried,
+        n_queries=len(queries),
+        exclude_self=exclude_self,
+        train_size=train_size,
+        budget=budget,
+        exact_threshold=exact_threshold,
+        device=device,
+        seed=seed,
+        times=(start, t0, t1, t2, t3),
+        storage={"ondisk": False},
+    )
+    return index, params
+
+
+def _record(
+    *,
+    factory: str,
+    auto: bool,
+    n: int,
+    d: int,
+    k: int,
+    target_recall: float,
+    tuning: Tuning,
+    tried: list[dict],
+    n_queries: int,
+    exclude_self: bool,
+    train_size: int,
+    budget: int,
+    exact_threshold: int,
+    device: CpuDevice,
+    seed: int,
+    times: tuple[float, float, float, float, float],
+    storage: dict,
+    estimate_n: int | None = None,
+) -> dict:
+    """The parameters JSON written beside an index: what was built, how it was tuned, timings.
+
+    times: (start, trained from, added from, tuned from, tuned until) perf_counter readings."""
+    start, t0, t1, t2, t3 = times
+    return {
+        "factory": factory,
         "auto": auto,
         "metric": METRIC,
         "n": int(n),
@@ -291,16 +339,16 @@ def build_index(
         "search_params": tuning.search_params,
         "tuning": tuning.curve,
         "tried": tried,
-        "n_queries": len(queries),
+        "n_queries": n_queries,
         "recall_queries": "indexed vectors, self excluded"
         if exclude_self
         else "indexed vectors, self included",
         "train_size": int(train_size),
         "memory_budget_bytes": int(budget),
-        "index_bytes_estimate": int(index_bytes(candidate, n, d)),
+        "index_bytes_estimate": int(index_bytes(factory, estimate_n or n, d)),
         "exact_threshold": int(exact_threshold),
         "device": device.name,
-        "ondisk": False,
+        **storage,
         "seed": int(seed),
         "seconds": {
             "train": round(t1 - t0, 3),
@@ -310,7 +358,6 @@ def build_index(
         },
         "faiss_version": faiss.__version__,
     }
-    return index, params
 
 
 def build_sharded_index(
@@ -437,37 +484,24 @@ def build_index_streaming(
         true_ids = drop_self(true_ids, query_ids, k)
     tuning = tune_search_params(index, queries, true_ids, target_recall, k, query_ids=query_ids)
     t3 = time.perf_counter()
-    params = {
-        "factory": chosen,
-        "auto": auto,
-        "metric": METRIC,
-        "n": int(index.ntotal),
-        "d": int(d),
-        "k": int(k),
-        "target_recall": float(target_recall),
-        "recall": round(float(tuning.recall), 5),
-        "search_params": tuning.search_params,
-        "tuning": tuning.curve,
-        "tried": [{"factory": chosen, "recall": round(tuning.recall, 5)}],
-        "n_queries": len(queries),
-        "recall_queries": "indexed vectors, self excluded"
-        if exclude_self
-        else "indexed vectors, self included",
-        "train_size": int(train_size),
-        "memory_budget_bytes": int(budget),
-        "index_bytes_estimate": int(index_bytes(chosen, n, d)),
-        "exact_threshold": 0,
-        "device": device.name,
-        "ondisk": True,
-        "ivfdata": ivfdata_name,
-        "shard_size": int(shard_size),
-        "seed": int(seed),
-        "seconds": {
-            "train": round(t1 - t0, 3),
-            "add": round(t2 - t1, 3),
-            "tune": round(t3 - t2, 3),
-            "total": round(time.perf_counter() - start, 3),
-        },
-        "faiss_version": faiss.__version__,
-    }
+    params = _record(
+        factory=chosen,
+        auto=auto,
+        n=int(index.ntotal),
+        d=d,
+        k=k,
+        target_recall=target_recall,
+        tuning=tuning,
+        tried=[{"factory": chosen, "recall": round(tuning.recall, 5)}],
+        n_queries=len(queries),
+        exclude_self=exclude_self,
+        train_size=train_size,
+        budget=budget,
+        exact_threshold=0,
+        device=device,
+        seed=seed,
+        times=(start, t0, t1, t2, t3),
+        storage={"ondisk": True, "ivfdata": ivfdata_name, "shard_size": int(shard_size)},
+        estimate_n=n,
+    )
     return index, params
