@@ -77,23 +77,16 @@ def _paired_rates(
 def throughput(model: str, store: Path, n_batched: int, n_loop: int, repeats: int) -> dict:
     """Side by side, same model and stars: every output of both modalities (what `embed` runs),
     and the XP path alone (XP spectra through encoder, head, decoders and label head)."""
+    from specsearch.embed import EMBED_OUTPUTS
     from specsearch.inference import SpecCLIPRunner
 
     runner = SpecCLIPRunner(model, device="cpu")
     data = _arrays(store, max(n_batched, n_loop))
-    everything = [
-        "lrs_embedding",
-        "xp_embedding",
-        "lrs_recon",
-        "xp_recon",
-        "lrs_from_xp",
-        "xp_from_lrs",
-        "lrs_labels",
-        "xp_labels",
-    ]
     xp_only = {k: v for k, v in data.items() if k.startswith("xp")}
     return {
-        "both_modalities": _paired_rates(runner, data, everything, n_batched, n_loop, repeats),
+        "both_modalities": _paired_rates(
+            runner, data, list(EMBED_OUTPUTS), n_batched, n_loop, repeats
+        ),
         "xp_only": _paired_rates(
             runner,
             xp_only,

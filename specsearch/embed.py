@@ -34,6 +34,19 @@ MODALITIES = ("lrs", "xp")
 _META_MODEL = b"specsearch.model_id"
 _META_SHARD = b"specsearch.shard_sha256"
 
+# what the embed stage asks the model for, per batch (benchmarks/bench_embed.py times the same)
+EMBED_OUTPUTS = (
+    "lrs_embedding",
+    "xp_embedding",
+    "lrs_recon",
+    "xp_recon",
+    "lrs_from_xp",
+    "xp_from_lrs",
+    "align_cos",
+    "lrs_labels",
+    "xp_labels",
+)
+
 
 def embedding_schema(dim: int) -> pa.Schema:
     """Schema of the embedding files: one row per star and modality."""
@@ -175,17 +188,7 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
         lrs_ivar=lrs_ivar,
         xp_flux=xp_flux,
         xp_flux_error=xp_err,
-        outputs=[
-            "lrs_embedding",
-            "xp_embedding",
-            "lrs_recon",
-            "xp_recon",
-            "lrs_from_xp",
-            "xp_from_lrs",
-            "align_cos",
-            "lrs_labels",
-            "xp_labels",
-        ],
+        outputs=EMBED_OUTPUTS,
     )
     # a modality is present where the runner could use it (a row of nulls or no good pixel is not)
     present = {"lrs": out["has_lrs"], "xp": out["has_xp"]}
