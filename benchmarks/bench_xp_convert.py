@@ -33,6 +33,7 @@ from specsearch.surveys.gaia_xp import (
     coefficient_covariance,
     continuous_to_sampled,
     design_matrix,
+    sampled_from_columns,
 )
 
 STAR = 5937083312263887616
@@ -129,14 +130,7 @@ def synthetic_sources(star: dict[str, np.ndarray], n: int, seed: int = 0) -> dic
 
 def convert_with_correlations(sources: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The readers' path: errors and flat correlations straight into two matrix products per band."""
-    return continuous_to_sampled(
-        sources["bp_coefficients"],
-        sources["rp_coefficients"],
-        bp_coefficient_errors=sources["bp_coefficient_errors"],
-        bp_coefficient_correlations=sources["bp_coefficient_correlations"],
-        rp_coefficient_errors=sources["rp_coefficient_errors"],
-        rp_coefficient_correlations=sources["rp_coefficient_correlations"],
-    )
+    return sampled_from_columns(sources)
 
 
 def convert_with_covariances(sources: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from specsearch.surveys.gaia_xp import (
     read_gaia_xp,
     read_xp_continuous,
     read_xp_sampled,
+    sampled_from_columns,
 )
 
 STAR = 5937083312263887616
@@ -258,14 +259,7 @@ def test_archive_zip_continuous_reproduces_the_archive_sampled_spectrum(fmt):
 
 
 def test_real_star_matches_the_archive_sampled_product_to_its_precision(star, archive_sampled):
-    flux, flux_error = continuous_to_sampled(
-        star["bp_coefficients"],
-        star["rp_coefficients"],
-        bp_coefficient_errors=star["bp_coefficient_errors"],
-        bp_coefficient_correlations=star["bp_coefficient_correlations"],
-        rp_coefficient_errors=star["rp_coefficient_errors"],
-        rp_coefficient_correlations=star["rp_coefficient_correlations"],
-    )
+    flux, flux_error = sampled_from_columns(star)
     np.testing.assert_allclose(archive_sampled["wavelength"], XP_WAVELENGTH, rtol=0, atol=1e-9)
     # the archive's own XP_SAMPLED is 1e-6 to 4e-6 away from the exact conversion of its coefficients
     assert 1e-6 < _max_relative(flux[0], archive_sampled["flux"]) < ARCHIVE_RTOL

@@ -340,6 +340,20 @@ def continuous_to_sampled(
     return flux, np.sqrt(np.maximum(variance, 0.0))
 
 
+def sampled_from_columns(columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``continuous_to_sampled`` on the archive's own column names: ``columns`` (a dict, a
+    DataFrame of arrays, ...) holds bp/rp ``_coefficients``, ``_coefficient_errors`` and
+    ``_coefficient_correlations``. Returns (xp_flux, xp_flux_error), each (n, 343)."""
+    return continuous_to_sampled(
+        columns["bp_coefficients"],
+        columns["rp_coefficients"],
+        bp_coefficient_errors=columns["bp_coefficient_errors"],
+        bp_coefficient_correlations=columns["bp_coefficient_correlations"],
+        rp_coefficient_errors=columns["rp_coefficient_errors"],
+        rp_coefficient_correlations=columns["rp_coefficient_correlations"],
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # columns of any reader -> numpy
 
@@ -1038,14 +1052,7 @@ def _continuous_tables(rows: Rows, release: str, seen: _SeenSourceIds) -> tuple[
             ("coefficient_correlations", inside_correlations),
         ):
             arrays[f"{band}_{name}"] = np.where(mask, rows[f"{band}_{name}"][ok], 0.0)
-    flux, flux_error = continuous_to_sampled(
-        arrays["bp_coefficients"],
-        arrays["rp_coefficients"],
-        bp_coefficient_errors=arrays["bp_coefficient_errors"],
-        bp_coefficient_correlations=arrays["bp_coefficient_correlations"],
-        rp_coefficient_errors=arrays["rp_coefficient_errors"],
-        rp_coefficient_correlations=arrays["rp_coefficient_correlations"],
-    )
+    flux, flux_error = sampled_from_columns(arrays)
     float32_max = np.finfo(np.float32).max
     converted = np.all(np.abs(flux) < float32_max, axis=1) & np.all(
         flux_error < float32_max, axis=1
