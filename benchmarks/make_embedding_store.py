@@ -28,12 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
 
-    from specsearch.embed import embedding_schema
-    from specsearch.inference import SpecCLIPRunner
-    from specsearch.schema import make_shard_table
+    from specsearch.files import write_parquet_atomic
+    from specsearch.models.runner import SpecCLIPRunner
+    from specsearch.schema import embedding_schema, make_shard_table
+    from specsearch.sim.xp_emulator import XPEmulator
     from specsearch.splits import RESERVED_BUCKET, bucket
-    from specsearch.store import Store, write_parquet_atomic
-    from specsearch.xp_emulator import XPEmulator
+    from specsearch.store import Store
 
     rng = np.random.default_rng(args.seed)
     emulator = XPEmulator.load_default()
@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     candidates = np.arange(1, int(args.n * 1.2) + 2, dtype=np.int64) * 977 + 10**15
     source_ids = candidates[bucket(candidates) != RESERVED_BUCKET][: args.n]
     shards, t0 = [], time.perf_counter()
-    emb_dir = store.embedding_dir(release, "xp")
     schema = embedding_schema(runner.embed_dim)
     for start in range(0, args.n, BATCH):
         ids = source_ids[start : start + BATCH]
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         write_parquet_atomic(
             pa.table(columns, schema=schema),
-            emb_dir / f"part-00000-r{start:08d}.parquet",
+            store.embedding_path(release, "xp", f"part-00000-r{start:08d}.parquet"),
             row_group_size=4096,
         )
         known = labels["metallicity_known"]
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print()
     store.write_release(release, shards, rows_per_file=250_000)
-    manifest = store.read_manifest()
-    manifest["embeddings_model"] = runner.model_id
-    store.write_manifest(manifest)
+    store.record_embeddings(runner.model_id)
     print(
         f"store {args.store}: {args.n:,} stars with {runner.model_id} XP embeddings "
         f"in {time.perf_counter() - t0:.0f} s"

@@ -1,14 +1,15 @@
 """The `specsearch` command line: thin Typer commands over the library.
 
-Every command turns a SpecsearchError (bad input, missing store, unknown id) into one line on
-stderr and exit status 2, never a traceback.
+Each command calls one library function (its twin in the Python API), prints what it returned
+and nothing else. Every command turns a SpecsearchError (bad input, missing store, unknown id)
+into one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -45,12 +46,6 @@ def one_line_errors(func):
             return func(*args, **kwargs)
         except SpecsearchError as err:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        except ModuleNotFoundError as err:
-            if not (err.name or "").startswith("specsearch"):
-                raise
-            fail(
-                f"'specsearch {func.__name__.replace('_', ' ')}' is not built yet ({err.name} missing)"
-            )
         except FileNotFoundError as err:
             fail(f"{err.filename}: no such file or directory")
         except KeyboardInterrupt:
@@ -60,35 +55,43 @@ def one_line_errors(func):
     return wrapper
 
 
-@contextlib.contextmanager
-def progress_bar(description: str, unit: str):
-    """A progress bar (specsearch.progress); yields ``advance(done, total)`` for library callbacks."""
-    from specsearch.progress import bar
-
-    with bar(unit=unit) as display:
-        task = display.add_task(description, total=None)
-
-        def advance(done: int, total: int) -> None:
-            display.update(task, completed=done, total=total)
-
-        yield advance
-
-
 def not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'specsearch {command}' is not built yet ({issue})")
 
 
+def emit(data, fmt: str, output: Path | None, title: str | None = None, summary: bool = True):
+    """Print a result (Arrow table or DuckDB relation) to stdout, or write it to ``output``,
+    followed by a one-line row count (on stderr when csv/json data went to stdout)."""
+    import pyarrow as pa
+
+    from specsearch.query.output import emit_relation, emit_table, rows_summary
+
+    writer = emit_table if isinstance(data, pa.Table) else emit_relation
+    rows = writer(data, fmt, output, title=title, stream=sys.stdout)
+    if not summary:
+        return
+    text = rows_summary(rows, output, fmt)
+    to_stderr = output is None and fmt != "table"
+    typer.echo(text, err=to_stderr)
+
+
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
 ReleaseOpt = Annotated[str | None, typer.Option("--release", help="Data-release name.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write results here.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Model id or directory.")]
 
 
 @app.command()
 @one_line_errors
 def demo(out: Annotated[Path, typer.Option(help="Output directory.")] = Path("demo-out")) -> None:
     """The main job on the bundled sample: ingest, embed, index, score, report, search, SQL."""
-    from specsearch.demo import run_demo
+    from rich.console import Console
 
-    run_demo(out)
+    from specsearch.pipeline.demo import run_demo
+
+    console = Console()
+    run_demo(out, show=lambda item: console.print(item, markup=False, highlight=False))
 
 
 @app.command()
@@ -107,20 +110,19 @@ def simulate(
     ] = None,
 ) -> None:
     """Write a synthetic paired LRS + XP release as canonical shards plus truth.parquet."""
-    from specsearch.simulate import simulate_release
+    from specsearch.sim.simulate import simulate_release
 
-    with progress_bar("simulate", "stars") as advance:
-        summary = simulate_release(
-            out,
-            n=n,
-            seed=seed,
-            release=release,
-            anomaly_fraction=anomaly_fraction,
-            real_xp_fraction=real_xp_fraction,
-            real_xp_split=real_xp_split,
-            progress=advance,
-        )
-    typer.echo(summary)
+    result = simulate_release(
+        out,
+        n=n,
+        seed=seed,
+        release=release,
+        anomaly_fraction=anomaly_fraction,
+        real_xp_fraction=real_xp_fraction,
+        real_xp_split=real_xp_split,
+        show_progress=True,
+    )
+    typer.echo(result)
 
 
 @app.command()
@@ -137,10 +139,9 @@ def ingest(
     ] = None,
 ) -> None:
     """Raw survey files (LAMOST FITS, Gaia XP products) or shards into canonical shards."""
-    from specsearch.ingest import ingest as ingest_files
+    from specsearch.pipeline.ingest import ingest as ingest_files
 
-    summary = ingest_files(source, store, release, workers=workers)
-    typer.echo(summary)
+    typer.echo(ingest_files(source, store, release, workers=workers))
 
 
 @app.command()
@@ -148,7 +149,7 @@ def ingest(
 def embed(
     store: StoreOpt,
     release: ReleaseOpt = None,
-    model: Annotated[str, typer.Option(help="Model id.")] = "default",
+    model: ModelOpt = "default",
     engine: Annotated[str, typer.Option(help="local or ray.")] = "local",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     ray_address: Annotated[
@@ -156,7 +157,7 @@ def embed(
     ] = None,
 ) -> None:
     """Embeddings, reconstructions and cross-predictions into Parquet."""
-    from specsearch.embed import embed_store
+    from specsearch.pipeline.embed import embed_store
 
     typer.echo(
         embed_store(
@@ -176,14 +177,15 @@ def index_build(
     store: StoreOpt,
     modality: Annotated[str, typer.Option(help="lrs, xp or all.")] = "all",
     factory: Annotated[str, typer.Option(help="auto or a FAISS factory string.")] = "auto",
-    target_recall: Annotated[float, typer.Option(help="Target recall@10 for auto tuning.")] = 0.95,
+    target_recall: Annotated[
+        float | None, typer.Option(help="Target recall@10 for auto tuning (default 0.95).")
+    ] = None,
 ) -> None:
     """Build FAISS indexes over the store's embeddings."""
-    from specsearch.indexes import build_store_indexes
+    from specsearch.indexes import DEFAULT_TARGET_RECALL, build_store_indexes
 
-    typer.echo(
-        build_store_indexes(store, modality=modality, factory=factory, target_recall=target_recall)
-    )
+    recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
+    typer.echo(build_store_indexes(store, modality=modality, factory=factory, target_recall=recall))
 
 
 @app.command()
@@ -202,27 +204,40 @@ def search(
         str | None, typer.Option(help="Modality of the results (default: same).")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
-    format: Annotated[str, typer.Option(help="table, json, csv or parquet.")] = "table",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write results here.")
-    ] = None,
+    format: FormatOpt = "table",
+    output: OutputOpt = None,
     model: Annotated[str, typer.Option(help="Model id, to encode a --spectrum query.")] = "default",
 ) -> None:
     """The k nearest neighbours of a star, in-modal or cross-modal."""
-    from specsearch.search import search_cli
+    import numpy as np
 
-    search_cli(
-        store,
-        source_id=source_id,
-        spectrum=spectrum,
-        ids_file=ids_file,
-        modality=modality,
-        target=target,
-        k=k,
-        fmt=format,
-        output=output,
-        model=model,
+    from specsearch.query.search import read_id_file
+    from specsearch.query.search import search as search_store
+    from specsearch.schema import LABELS
+
+    if sum(x is not None for x in (source_id, spectrum, ids_file)) != 1:
+        raise SpecsearchError("give exactly one of --source-id, --ids or --spectrum")
+    start = time.perf_counter()
+    ids = None
+    if source_id is not None:
+        ids = np.array([source_id], dtype=np.int64)
+    elif ids_file is not None:
+        ids = read_id_file(ids_file)
+    table = search_store(
+        store, source_ids=ids, spectrum=spectrum, modality=modality, target=target, k=k, model=model
     )
+    elapsed = time.perf_counter() - start
+    target = target or modality
+    title = (
+        f"{k} nearest {target.upper()} neighbours of a {modality.upper()} query "
+        f"({elapsed * 1000:.0f} ms)"
+    )
+    if format == "table":  # the screen gets the columns a reader scans; files get every column
+        shown = ["rank", "neighbor_id", "similarity", "release", *LABELS]
+        if len(np.unique(table.column("query_id").to_numpy())) > 1:
+            shown.insert(0, "query_id")
+        table = table.select(shown)
+    emit(table, format, output, title=title, summary=False)
 
 
 @app.command()
@@ -260,21 +275,25 @@ def nightly(
 def sql(
     store: StoreOpt,
     query: Annotated[str, typer.Argument(help="A DuckDB SQL query.")],
-    format: Annotated[str, typer.Option(help="table, csv, json or parquet.")] = "table",
+    format: FormatOpt = "table",
     attach: Annotated[
         list[str] | None, typer.Option(help="NAME=PATH, a catalog as view NAME.")
     ] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write results here.")
-    ] = None,
+    output: OutputOpt = None,
     arrays: Annotated[
         bool, typer.Option("--arrays", help="Include the spectrum arrays in the shards view.")
     ] = False,
 ) -> None:
     """DuckDB over the store."""
-    from specsearch.sql import sql_cli
+    from specsearch.query.sql import connect, parse_attach
+    from specsearch.query.sql import query as run_query
 
-    sql_cli(store, query, fmt=format, attach=attach or [], output=output, with_arrays=arrays)
+    con = connect(store, parse_attach(attach or []), with_arrays=arrays)
+    relation = run_query(con, query)
+    if relation is None:
+        typer.echo("OK")
+        return
+    emit(relation, format, output)
 
 
 @app.command()
@@ -283,16 +302,21 @@ def predict(
     file: Annotated[Path | None, typer.Argument(help="A spectrum file.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Store directory.")] = None,
     release: ReleaseOpt = None,
-    model: Annotated[str, typer.Option(help="Model id.")] = "default",
-    format: Annotated[str, typer.Option(help="table, csv, json or parquet.")] = "table",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write results here.")
-    ] = None,
+    model: ModelOpt = "default",
+    format: FormatOpt = "table",
+    output: OutputOpt = None,
 ) -> None:
     """Stellar labels (Teff, log g, \\[Fe/H], \\[alpha/M]) with uncertainties."""
-    from specsearch.predict import predict_cli
+    from specsearch.pipeline.ingest import read_source
+    from specsearch.query.predict import predict_store, predict_table
 
-    predict_cli(file=file, store=store, release=release, model=model, fmt=format, output=output)
+    if (file is None) == (store is None):
+        raise SpecsearchError("give a spectrum FILE or --store (not both)")
+    if file is not None:
+        table = predict_table(read_source(file)[0], model)
+    else:
+        table = predict_store(store, release, model)
+    emit(table, format, output, title=f"stellar labels ({model})", summary=False)
 
 
 @app.command()
@@ -302,17 +326,57 @@ def translate(
     source_id: Annotated[int | None, typer.Option("--source-id")] = None,
     spectrum: Annotated[Path | None, typer.Option(help="A spectrum file.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Store for --source-id.")] = None,
-    model: Annotated[str, typer.Option(help="Model id.")] = "default",
+    model: ModelOpt = "default",
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write the prediction here (.parquet/.csv)."),
     ] = None,
 ) -> None:
     """Cross-spectrum prediction: the XP spectrum of a star from its LRS, or the reverse."""
-    from specsearch.predict import translate_cli
+    import numpy as np
+    import pyarrow as pa
 
-    translate_cli(
-        to=to, source_id=source_id, spectrum=spectrum, store=store, model=model, output=output
+    from specsearch.pipeline.ingest import read_source
+    from specsearch.query.predict import rows_for, translate_rows
+
+    if (source_id is None) == (spectrum is None):
+        raise SpecsearchError("give exactly one of --source-id (with --store) or --spectrum")
+    if source_id is not None:
+        if store is None:
+            raise SpecsearchError("--source-id needs --store")
+        rows = rows_for(store, source_id)
+    else:
+        rows = read_source(spectrum)[0]
+    table = translate_rows(rows, to, model)
+    stars = np.unique(table.column("source_id").to_numpy())
+    if output is None:
+        title = (
+            f"predicted {to.upper()} spectra for {len(stars)} star(s); "
+            "use --output FILE.parquet|.csv for the pixels"
+        )
+        emit(pa.table({"source_id": stars}), "table", None, title=title, summary=False)
+        return
+    fmt = "csv" if str(output).endswith(".csv") else "parquet"
+    emit(table, fmt, output, summary=False)
+    typer.echo(f"translate: {table.num_rows} pixels of predicted {to.upper()} written to {output}")
+
+
+# --- training: the three stages share their loop options
+
+DataOpt = Annotated[list[Path], typer.Option(help="Canonical shard folders or stores.")]
+EpochsOpt = Annotated[int, typer.Option(help="Passes over the training data.")]
+BatchOpt = Annotated[int, typer.Option(help="Examples per optimiser step.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")]
+
+
+def _train_config(epochs: int, batch_size: int, lr: float, seed: int, weight_decay: float):
+    from specsearch.train.loop import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=weight_decay
     )
 
 
@@ -320,113 +384,123 @@ def translate(
 @one_line_errors
 def train_pretrain(
     modality: Annotated[str, typer.Option(help="lrs, xp (OAE) or xp-transformer.")],
-    data: Annotated[list[Path], typer.Option(help="Canonical shard folders or stores.")],
+    data: DataOpt,
     out: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     config: Annotated[str, typer.Option(help="Model config: small or paper.")] = "small",
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 256,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    epochs: EpochsOpt = 10,
+    batch_size: BatchOpt = 256,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
 ) -> None:
     """Masked/auto-encoder pre-training of one modality's encoder."""
-    from specsearch.train.pretrain import pretrain_cli
+    from specsearch.train.pretrain import pretrain
 
-    pretrain_cli(
-        modality=modality,
-        data=data,
-        out=out,
-        config=config,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        resume=resume,
+    cfg = _train_config(epochs, batch_size, lr, seed, weight_decay=0.1)
+    result = pretrain(modality, data, out, config, cfg, device, resume, log=typer.echo)
+    typer.echo(
+        f"pretrain {modality}: best loss {result['best']:.4g} after {result['epochs']} epochs -> {out}"
     )
 
 
 @train_app.command("align")
 @one_line_errors
 def train_align(
-    data: Annotated[list[Path], typer.Option(help="Paired canonical shard folders or stores.")],
+    data: DataOpt,
     lrs_encoder: Annotated[Path, typer.Option(help="Pre-trained LRS encoder checkpoint.")],
     xp_encoder: Annotated[Path, typer.Option(help="Pre-trained XP encoder checkpoint.")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     variant: Annotated[str, typer.Option(help="base, pr or split.")] = "pr",
-    config: Annotated[str, typer.Option()] = "small",
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 512,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
-    resume: Annotated[bool, typer.Option()] = False,
+    config: Annotated[str, typer.Option(help="Model config: small or paper.")] = "small",
+    epochs: EpochsOpt = 10,
+    batch_size: BatchOpt = 512,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
 ) -> None:
     """CLIP alignment of the two encoders, with reconstruction and cross-prediction decoders."""
-    from specsearch.train.align import align_cli
+    from specsearch.train.align import align
 
-    align_cli(
-        data=data,
-        lrs_encoder=lrs_encoder,
-        xp_encoder=xp_encoder,
-        out=out,
-        variant=variant,
-        config=config,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        resume=resume,
+    cfg = _train_config(epochs, batch_size, lr, seed, weight_decay=0.05)
+    result = align(
+        data, lrs_encoder, xp_encoder, out, variant, config, cfg, device, resume, log=typer.echo
     )
+    typer.echo(f"align: best loss {result['best']:.4g} after {result['epochs']} epochs -> {out}")
 
 
 @train_app.command("finetune")
 @one_line_errors
 def train_finetune(
     model: Annotated[Path, typer.Option(help="Aligned model checkpoint directory.")],
-    data: Annotated[list[Path], typer.Option(help="Labelled canonical shard folders or stores.")],
+    data: DataOpt,
     out: Annotated[Path, typer.Option(help="Output model directory.")],
     modality: Annotated[str, typer.Option(help="lrs, xp or both.")] = "both",
-    epochs: Annotated[int, typer.Option()] = 30,
-    batch_size: Annotated[int, typer.Option()] = 256,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
+    epochs: EpochsOpt = 30,
+    batch_size: BatchOpt = 256,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Label heads (teff, logg, fe_h, alpha_m with uncertainties) on the aligned embeddings."""
-    from specsearch.train.finetune import finetune_cli
+    from specsearch.train.finetune import finetune
 
-    finetune_cli(
-        model=model,
-        data=data,
-        out=out,
-        modality=modality,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-    )
+    cfg = _train_config(epochs, batch_size, lr, seed, weight_decay=1e-4)
+    results = finetune(model, data, out, modality, cfg, device, log=typer.echo)
+    summary = ", ".join(f"{m}: best NLL {r['best']:.3f}" for m, r in results.items())
+    typer.echo(f"finetune: {summary} -> {out}")
 
 
 @models_app.command("list")
 @one_line_errors
 def models_list() -> None:
     """Models that are installed or shipped."""
-    from specsearch.models.registry import list_models_cli
+    from rich.console import Console
+    from rich.table import Table
 
-    list_models_cli()
+    from specsearch.models.registry import (
+        DEFAULT_MODEL_ID,
+        SHIPPED_DIR,
+        list_models,
+        user_models_dir,
+    )
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    models = list_models()
+    if not models:
+        console.print(f"no models installed (shipped: {SHIPPED_DIR}, user: {user_models_dir()})")
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)  # kept whole: it is what users type
+    for name in ("source", "kind", "config", "variant", "dim", "description"):
+        table.add_column(name)
+    for m in models:
+        default = " (default)" if m["id"] == DEFAULT_MODEL_ID else ""
+        table.add_row(
+            m["id"] + default,
+            m["source"],
+            m["kind"],
+            str(m["config"]),
+            str(m["variant"] or "-"),
+            str(m["embed_dim"] or "-"),
+            m["description"],
+        )
+    console.print(table)
+    console.print(f"{len(models)} model(s)")
 
 
 @models_app.command("info")
 @one_line_errors
 def models_info(model: Annotated[str, typer.Argument(help="Model id.")]) -> None:
     """Print a model's card: config, training data, the commands that made it, metrics."""
-    from specsearch.models.registry import model_info_cli
+    import json
 
-    model_info_cli(model)
+    from rich.console import Console
+
+    from specsearch.models.registry import model_card
+
+    Console().print_json(json.dumps(model_card(model), default=str))
 
 
 def main() -> None:

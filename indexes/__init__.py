@@ -1,5 +1,9 @@
 """Vector indexes (FAISS) over specsearch embeddings.
 
+This package lives in the repository's top-level ``indexes/`` folder and is installed as
+``specsearch.indexes`` (``pyproject.toml`` maps it with ``package-dir``), so it is imported as
+``from specsearch.indexes import ...`` and its modules read ``specsearch.*`` like any other.
+
 One entry point builds an index for a set of unit vectors, choosing its type from the set's size
 and a memory budget and tuning it to a target recall (``build_index``); the store functions read
 the store's embedding Parquet, save ``STORE/indexes/<modality>.faiss`` with a JSON of its
@@ -7,7 +11,13 @@ parameters and measured recall beside it, grow it release by release, and search
 """
 
 from .build import build_index, build_index_streaming, build_sharded_index, empty_copy, make_index
-from .choose import EXACT_THRESHOLD, choose_factory, default_memory_budget, nlist_for
+from .choose import (
+    DEFAULT_TARGET_RECALL,
+    EXACT_THRESHOLD,
+    choose_factory,
+    default_memory_budget,
+    nlist_for,
+)
 from .device import CpuDevice, GpuDevice, resolve_device
 from .io import (
     extend_index,
@@ -19,18 +29,21 @@ from .io import (
 )
 from .measure import drop_self, exact_knn, exact_knn_streaming, recall_at_k, tune_search_params
 from .store_indexes import (
+    IndexResult,
     build_store_indexes,
     extend_store_indexes,
     iter_embeddings,
     load_store_index,
-    read_embeddings,
+    read_vectors,
     scan_embeddings,
     search_store,
 )
 from .synthetic import sphere_mixture
 
 __all__ = [
+    "DEFAULT_TARGET_RECALL",
     "EXACT_THRESHOLD",
+    "IndexResult",
     "CpuDevice",
     "GpuDevice",
     "build_index",
@@ -52,7 +65,7 @@ __all__ = [
     "load_store_index",
     "make_index",
     "nlist_for",
-    "read_embeddings",
+    "read_vectors",
     "read_params",
     "recall_at_k",
     "resolve_device",

@@ -19,6 +19,7 @@ from specsearch.errors import SpecsearchError
 from specsearch.progress import progress
 
 from .choose import (
+    DEFAULT_TARGET_RECALL,
     EXACT_THRESHOLD,
     choose_factory,
     code_ladder,
@@ -199,7 +200,7 @@ def build_index(
     embeddings: np.ndarray,
     ids: np.ndarray,
     factory: str = "auto",
-    target_recall: float = 0.95,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     memory_budget_bytes: int | None = None,
     k: int = 10,
     seed: int = 0,
@@ -424,7 +425,7 @@ def build_index_streaming(
     out_dir: Path,
     ivfdata_name: str,
     factory: str = "auto",
-    target_recall: float = 0.95,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     memory_budget_bytes: int | None = None,
     k: int = 10,
     seed: int = 0,

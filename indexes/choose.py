@@ -20,6 +20,9 @@ import re
 
 from specsearch.errors import SpecsearchError
 
+DEFAULT_TARGET_RECALL = 0.95
+"""Recall@10 that ``auto`` tunes an index to, unless told otherwise."""
+
 EXACT_THRESHOLD = 50_000
 """Below this many vectors ``auto`` builds an exact index: brute force is fast enough there."""
 

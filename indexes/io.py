@@ -8,7 +8,8 @@ save was in between, reads again. An index whose lists live on disk keeps them i
 ``<modality>.<version>.ivfdata`` beside it, so a new save never overwrites lists in use.
 
 ``extend_index`` adds the vectors of a new release in place when the index type allows (Flat,
-IVF), skipping ids already present, re-measures recall and re-tunes; otherwise it rebuilds.
+IVF), skipping ids already present (or replacing their vectors, when asked), re-measures recall
+and re-tunes; otherwise it rebuilds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import faiss
 import numpy as np
 
 from specsearch.errors import SpecsearchError
-from specsearch.store import atomic_path, write_json_atomic
+from specsearch.files import atomic_path, write_json_atomic
 
 from .build import build_index, check_vectors, empty_copy, is_ivf, merge_ondisk
 from .choose import choose_factory, index_family, nlist_for
@@ -55,10 +56,11 @@ def save_index(index: faiss.Index, params: dict, index_dir: Path, modality: str)
     """Write ``index`` and ``params`` atomically as a pair; return the params as saved.
 
     ``params`` gains ``version`` (new unless the caller set one, as on-disk builds do to name
-    their ``.ivfdata``), ``modality`` and ``saved`` (UTC time). Stale ``.ivfdata`` files of this
-    modality are removed after the swap.
+    their ``.ivfdata``), ``modality`` and ``saved`` (UTC time). The ``.ivfdata`` file of the
+    index this one replaces is removed after the swap.
     """
     index_path, json_path = index_paths(index_dir, modality)
+    previous = _previous_ivfdata(json_path)
     params = dict(params)
     params["version"] = params.get("version") or uuid.uuid4().hex
     params["modality"] = modality
@@ -70,11 +72,17 @@ def save_index(index: faiss.Index, params: dict, index_dir: Path, modality: str)
         with open(tmp, "ab") as f:
             f.write(TRAILER_MAGIC + params["version"].encode("ascii"))
     write_json_atomic(params, json_path)
-    keep = params.get("ivfdata")
-    for stale in Path(index_dir).glob(f"{modality}.*.ivfdata"):
-        if stale.name != keep:
-            stale.unlink(missing_ok=True)  # readers that mapped it keep their mapping
+    if previous and previous != params.get("ivfdata"):
+        # readers that mapped it keep their mapping
+        (Path(index_dir) / previous).unlink(missing_ok=True)
     return params
+
+
+def _previous_ivfdata(json_path: Path) -> str | None:
+    try:
+        return json.loads(json_path.read_text()).get("ivfdata")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_params(index_dir: Path, modality: str) -> dict:
@@ -245,13 +253,16 @@ def extend_index(
     database: Batches | None = None,
     releases: list[str] | None = None,
     target_recall: float | None = None,
+    replace_existing: bool = False,
     seed: int = 0,
     device: str | CpuDevice = "cpu",
 ) -> dict:
     """Add new vectors to a saved index and swap it atomically; return the new params.
 
     Ids already in the index (and repeats within ``new_ids``) are skipped, so adding the same
-    release twice changes nothing (nothing is written; the returned params have ``added`` 0).
+    release twice changes nothing (nothing is written; the returned params have ``added`` 0);
+    with ``replace_existing`` their stored vectors are replaced by the new ones instead
+    (``replaced`` counts them).
     Flat and IVF indexes grow in place (on-disk lists are merged into a new ``.ivfdata``); other
     types, or an "auto" index whose size now calls for another kind (Flat -> IVF, or 16x the
     vectors an IVF was sized for), are rebuilt.
@@ -262,7 +273,17 @@ def extend_index(
     and only Flat indexes can be rebuilt.
     """
     index, params = load_index(index_dir, modality, mmap=False)
-    new_embeddings, new_ids = _new_vectors(new_embeddings, new_ids, index)
+    stale = np.zeros(0, np.int64)
+    if replace_existing and len(new_ids):
+        stale = np.unique(np.asarray(new_ids, dtype=np.int64)[np.isin(new_ids, index_ids(index))])
+    in_place = index_family(params["factory"]) != "other"
+    if stale.size and in_place and not params.get("ondisk"):
+        index.remove_ids(faiss.IDSelectorBatch(stale))  # the index is in memory: the file stays
+    # on-disk lists are mapped from the file readers use: their stale vectors are removed from
+    # the merged copy below instead
+    held = stale if params.get("ondisk") else np.zeros(0, np.int64)
+    new_embeddings, new_ids = _new_vectors(new_embeddings, new_ids, index, also=held)
+    replaced = int(stale.size)
     covered = sorted(set(params.get("releases", [])) | set(releases or []))
     if len(new_ids) == 0:
         if covered != sorted(params.get("releases", [])):  # a release with no new stars
@@ -270,12 +291,14 @@ def extend_index(
             write_json_atomic(
                 params, index_paths(index_dir, modality)[1]
             )  # same version: same pair
-        return {**params, "added": 0}
+        return {**params, "added": 0, "replaced": 0}
     target = target_recall if target_recall is not None else params["target_recall"]
     k = params["k"]
-    n_total = index.ntotal + len(new_ids)
+    n_total = index.ntotal + len(new_ids) - (replaced if params.get("ondisk") else 0)
     start = time.perf_counter()
     reason = rebuild_reason(params, n_total)
+    if replaced and not in_place:
+        reason = f"a {params['factory']} index cannot replace vectors in place"
     if reason:
         if params.get("ondisk") or (database is None and index_family(params["factory"]) != "flat"):
             raise SpecsearchError(
@@ -308,13 +331,17 @@ def extend_index(
         if params.get("ondisk"):
             new_params["version"] = uuid.uuid4().hex
             new_params["ivfdata"] = f"{modality}.{new_params['version']}.ivfdata"
+            fresh = ~np.isin(new_ids, stale)
             new_part = empty_copy(index)
-            new_part.add_with_ids(new_embeddings, new_ids)
+            new_part.add_with_ids(new_embeddings[fresh], new_ids[fresh])
             sources = [
                 faiss.extract_index_ivf(index).invlists,
                 faiss.extract_index_ivf(new_part).invlists,
             ]
             index = merge_ondisk(index, sources, Path(index_dir) / new_params["ivfdata"])
+            if stale.size:  # in the merged copy: the file readers map is untouched
+                index.remove_ids(faiss.IDSelectorBatch(stale))
+                index.add_with_ids(new_embeddings[~fresh], new_ids[~fresh])
         else:
             new_params.pop("version", None)
             index.add_with_ids(new_embeddings, new_ids)
@@ -340,18 +367,24 @@ def extend_index(
             recall_reference="store" if database is not None else "index",
         )
     new_params["releases"] = covered
-    new_params["added"] = int(len(new_ids))
+    new_params["added"] = int(len(new_ids)) - replaced
+    new_params["replaced"] = replaced
     new_params["extended_seconds"] = round(time.perf_counter() - start, 3)
     return save_index(index, new_params, index_dir, modality)
 
 
-def _new_vectors(embeddings: np.ndarray, ids: np.ndarray, index: faiss.Index):
-    """The rows whose id is neither in ``index`` nor earlier in ``ids``."""
+def _new_vectors(
+    embeddings: np.ndarray, ids: np.ndarray, index: faiss.Index, also: np.ndarray | None = None
+):
+    """The rows whose id is neither in ``index`` (unless in ``also``) nor earlier in ``ids``."""
     ids = np.asarray(ids)
     if len(ids) == 0:
         return np.empty((0, index.d), np.float32), np.empty(0, np.int64)
     _, first = np.unique(ids, return_index=True)
     keep = np.zeros(len(ids), bool)
     keep[first] = True
-    keep &= ~np.isin(ids, index_ids(index))
+    held = index_ids(index)
+    if also is not None and also.size:
+        held = held[~np.isin(held, also)]
+    keep &= ~np.isin(ids, held)
     return check_vectors(np.asarray(embeddings)[keep], ids[keep])

@@ -1,10 +1,11 @@
 """Indexes over a store's embeddings: read the Parquet, build or grow, save, search.
 
-Embeddings live in ``STORE/embeddings/release=R/modality=M/part-*.parquet`` with columns
-``source_id`` int64, ``modality``, ``model_id`` and ``embedding`` (fixed_size_list<float16>[d],
-unit vectors). A star embedded in several releases is indexed once, with its embedding from the
-earliest release: the same rule ``extend_store_indexes`` follows when it skips ids already
-indexed, so a rebuilt index and one grown release by release hold the same vectors.
+The store (``specsearch.store``) says which embedding files exist and which of their rows are
+current; each file has columns ``source_id`` int64, ``modality``, ``model_id`` and ``embedding``
+(fixed_size_list<float16>[d], unit vectors). A star embedded in several releases is indexed
+once, with its current vector (from the latest release that embedded it): a rebuilt index and
+one grown release by release (``extend_store_indexes`` replaces the vectors a newer release
+supersedes) hold the same vectors.
 
 Reading streams record batches; a set whose float32 vectors and index exceed the memory budget
 is built in shards with on-disk inverted lists (``build.build_index_streaming``).
@@ -13,9 +14,10 @@ is built in shards with on-disk inverted lists (``build.build_index_streaming``)
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -26,13 +28,19 @@ import pyarrow.parquet as pq
 
 from specsearch.errors import InputError, SpecsearchError
 from specsearch.progress import progress
+from specsearch.schema import MODALITIES, check_modality
 from specsearch.store import Store
 
 from .build import build_index, build_index_streaming
-from .choose import EXACT_THRESHOLD, choose_factory, default_memory_budget, index_bytes
+from .choose import (
+    DEFAULT_TARGET_RECALL,
+    EXACT_THRESHOLD,
+    choose_factory,
+    default_memory_budget,
+    index_bytes,
+)
 from .io import extend_index, load_index, read_params, rebuild_reason, save_index
 
-MODALITIES = ("lrs", "xp")
 READ_BATCH = 65_536
 
 
@@ -44,7 +52,7 @@ class EmbeddingSet:
     files: list[Path]
     file_releases: list[str]
     keep: list[np.ndarray]
-    """Per file, which rows are indexed (False: the star came earlier, in this or another file)."""
+    """Per file, which rows are indexed (False: a later release holds the star's current row)."""
     d: int
     model_id: str
 
@@ -57,46 +65,16 @@ class EmbeddingSet:
         return sorted(set(self.file_releases))
 
 
-def open_store(store: Store | str | os.PathLike) -> Store:
-    """A Store for a path (which must already be a store) or the Store itself."""
-    return store if isinstance(store, Store) else Store(store, create=False)
-
-
-def release_order(store: Store) -> list[str]:
-    """Releases with embeddings, oldest first: manifest order, then unrecorded ones by name."""
-    found = sorted(p.name.split("=", 1)[1] for p in (store.root / "embeddings").glob("release=*"))
-    recorded = [r for r in store.read_manifest().get("releases", {}) if r in found]
-    return recorded + [r for r in found if r not in recorded]
-
-
-def embedding_modalities(store: Store) -> list[str]:
-    """Modalities with at least one embedding file in the store."""
-    return [
-        m
-        for m in MODALITIES
-        if list((store.root / "embeddings").glob(f"release=*/modality={m}/part-*.parquet"))
-    ]
-
-
 def scan_embeddings(store: Store, modality: str) -> EmbeddingSet:
-    """Find a modality's embedding files and decide which rows to index (first release wins).
+    """Locate a modality's embedding files and their current rows (``Store.current_embedding_files``).
 
     Reads only the ``source_id`` and ``model_id`` columns. Raises InputError for a file without the
     contract columns or with mixed models, SpecsearchError if there are no embeddings.
     """
-    files, file_releases = [], []
-    for release in release_order(store):
-        found = sorted(store.embedding_dir(release, modality).glob("part-*.parquet"))
-        files += found
-        file_releases += [release] * len(found)
-    if not files:
-        raise SpecsearchError(
-            f"{store.root / 'embeddings'}: no {modality} embeddings (run 'specsearch embed')"
-        )
-    ids_per_file, dims, models = [], set(), set()
-    for path in files:
-        ids, d, file_models = _scan_file(path)
-        ids_per_file.append(ids)
+    located = store.current_embedding_files(modality)
+    dims, models = set(), set()
+    for found in located:
+        d, file_models = _scan_file(found.path)
         dims.add(d)
         models |= file_models
     if len(dims) != 1:
@@ -105,16 +83,17 @@ def scan_embeddings(store: Store, modality: str) -> EmbeddingSet:
         raise InputError(
             f"{modality} embeddings come from several models {sorted(models)}: re-embed with one"
         )
-    all_ids = np.concatenate(ids_per_file)
-    _, first = np.unique(all_ids, return_index=True)
-    keep_all = np.zeros(len(all_ids), bool)
-    keep_all[first] = True
-    bounds = np.cumsum([0] + [len(ids) for ids in ids_per_file])
-    keep = [keep_all[bounds[i] : bounds[i + 1]] for i in range(len(files))]
-    return EmbeddingSet(modality, files, file_releases, keep, dims.pop(), models.pop())
+    return EmbeddingSet(
+        modality,
+        [f.path for f in located],
+        [f.release for f in located],
+        [f.current for f in located],
+        dims.pop(),
+        models.pop(),
+    )
 
 
-def _scan_file(path: Path) -> tuple[np.ndarray, int, set[str]]:
+def _scan_file(path: Path) -> tuple[int, set[str]]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as err:
@@ -131,14 +110,13 @@ def _scan_file(path: Path) -> tuple[np.ndarray, int, set[str]]:
     table = parquet.read(columns=["source_id", "model_id"])
     if table.column("source_id").null_count:
         raise InputError(f"{path}: null source_id")
-    ids = table.column("source_id").to_numpy().astype(np.int64)
     models = {m for m in pc.unique(table.column("model_id")).to_pylist() if m is not None}
     if pa.types.is_fixed_size_list(kind):
         d = kind.list_size
     else:
         first = parquet.read_row_group(0, columns=["embedding"]).column("embedding")
         d = len(first[0]) if len(first) else 0
-    return ids, d, models
+    return d, models
 
 
 def iter_embeddings(
@@ -196,7 +174,7 @@ def _check_rows(vectors: np.ndarray, ids: np.ndarray, path: Path) -> None:
     vectors /= norms[:, None]  # float16 storage leaves norms ~1e-3 off 1
 
 
-def read_embeddings(
+def read_vectors(
     embedding_set: EmbeddingSet, releases: list[str] | None = None, show_progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """All indexed rows in memory: (float32 (n, d), int64 (n,))."""
@@ -212,7 +190,7 @@ def read_embeddings(
 def _modalities(store: Store, modality: str) -> list[str]:
     if modality not in (*MODALITIES, "all"):
         raise SpecsearchError(f"modality {modality!r} must be lrs, xp or all")
-    present = embedding_modalities(store)
+    present = store.embedding_modalities()
     if modality != "all":
         return [modality]
     if not present:
@@ -222,11 +200,25 @@ def _modalities(store: Store, modality: str) -> list[str]:
     return present
 
 
+@dataclass
+class IndexResult:
+    """What an index build or extension did, per modality (the saved parameters)."""
+
+    modalities: dict[str, dict] = field(default_factory=dict)
+    release: str | None = None
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        if not self.modalities:
+            return f"no embeddings of release {self.release} to index"
+        return "indexed " + "; ".join(_summary(m, p) for m, p in self.modalities.items())
+
+
 def build_store_indexes(
     store: Store | str | os.PathLike,
     modality: str = "all",
     factory: str = "auto",
-    target_recall: float = 0.95,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     *,
     memory_budget_bytes: int | None = None,
     exact_threshold: int = EXACT_THRESHOLD,
@@ -234,19 +226,20 @@ def build_store_indexes(
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
-) -> str:
-    """Build and save ``STORE/indexes/<modality>.faiss`` (+ ``.json``); return a one-line summary.
+) -> IndexResult:
+    """Build and save the store's index of each modality (``Store.index_dir``).
 
     The vectors are read in memory when they and the index fit ``memory_budget_bytes`` (default:
     half of RAM); otherwise the index is built in shards with on-disk lists. The other arguments
     are those of ``build.build_index``.
     """
-    store = open_store(store)
+    start = time.perf_counter()
+    store = Store.open(store)
     budget = memory_budget_bytes or default_memory_budget()
-    parts = []
+    result = IndexResult()
     for name in _modalities(store, modality):
         embedding_set = scan_embeddings(store, name)
-        params = _build_one(
+        result.modalities[name] = _build_one(
             store,
             embedding_set,
             factory,
@@ -258,8 +251,8 @@ def build_store_indexes(
             show_progress,
             exclude_self,
         )
-        parts.append(_summary(name, params))
-    return "indexed " + "; ".join(parts)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _build_one(
@@ -297,7 +290,7 @@ def _build_one(
         )
         params["version"] = version
     else:
-        embeddings, ids = read_embeddings(embedding_set, show_progress=show_progress)
+        embeddings, ids = read_vectors(embedding_set, show_progress=show_progress)
         index, params = build_index(
             embeddings,
             ids,
@@ -313,7 +306,7 @@ def _build_one(
         del embeddings
     params.update(model_id=embedding_set.model_id, releases=embedding_set.releases)
     saved = save_index(index, params, store.index_dir(), embedding_set.modality)
-    _record(store, saved)
+    store.record_index(saved)
     return saved
 
 
@@ -325,33 +318,35 @@ def extend_store_indexes(
     *,
     device: str = "cpu",
     show_progress: bool = True,
-) -> str:
-    """Add one release's embeddings to the store's indexes; return a one-line summary.
+) -> IndexResult:
+    """Add one release's current embeddings to the store's indexes.
 
-    Stars already indexed are skipped, so running it twice for a release changes nothing.
-    A modality without an index yet is built from scratch; one whose index must be rebuilt
-    (see ``io.rebuild_reason``) is rebuilt from all the store's embeddings.
+    Stars already indexed from this release are skipped, so running it twice for a release
+    changes nothing; the vectors of stars the release supersedes (indexed from an earlier
+    release) are replaced. A modality without an index yet is built from scratch; one whose
+    index must be rebuilt (see ``io.rebuild_reason``) is rebuilt from all the store's
+    embeddings.
     """
-    store = open_store(store)
-    parts = []
+    start = time.perf_counter()
+    store = Store.open(store)
+    result = IndexResult(release=release)
     for name in _modalities(store, modality):
         embedding_set = scan_embeddings(store, name)
         if release not in embedding_set.releases:
             continue
         index_path = store.index_dir() / f"{name}.faiss"
         if not index_path.exists():
-            params = _build_one(
+            result.modalities[name] = _build_one(
                 store,
                 embedding_set,
                 "auto",
-                target_recall or 0.95,
+                target_recall or DEFAULT_TARGET_RECALL,
                 default_memory_budget(),
                 EXACT_THRESHOLD,
                 0,
                 device,
                 show_progress,
             )
-            parts.append(_summary(name, params))
             continue
         old = read_params(store.index_dir(), name)
         if old.get("model_id") != embedding_set.model_id:
@@ -359,8 +354,13 @@ def extend_store_indexes(
                 f"{name} index was built on model {old.get('model_id')}, release {release} embeddings "
                 f"on {embedding_set.model_id}: run 'specsearch index build'"
             )
+        # a release not indexed before supersedes the vectors its stars had from earlier ones
+        replace = release not in old.get("releases", [])
+        new_vectors, new_ids = read_vectors(
+            embedding_set, releases=[release], show_progress=show_progress
+        )
         if old.get("ondisk") and rebuild_reason(old, embedding_set.n):
-            params = _build_one(
+            result.modalities[name] = _build_one(
                 store,
                 embedding_set,
                 "auto",
@@ -371,11 +371,7 @@ def extend_store_indexes(
                 device,
                 show_progress,
             )
-            parts.append(_summary(name, params))
             continue
-        new_vectors, new_ids = read_embeddings(
-            embedding_set, releases=[release], show_progress=show_progress
-        )
         params = extend_index(
             store.index_dir(),
             name,
@@ -384,45 +380,24 @@ def extend_store_indexes(
             database=lambda s=embedding_set: iter_embeddings(s),
             releases=[release],
             target_recall=target_recall,
+            replace_existing=replace,
             device=device,
         )
-        if params["added"]:
-            _record(store, params)
-        parts.append(_summary(name, params))
-    if not parts:
-        return f"no embeddings of release {release} to index"
-    return "indexed " + "; ".join(parts)
-
-
-def _record(store: Store, params: dict) -> None:
-    store.update_manifest(
-        "indexes",
-        params["modality"],
-        {
-            key: params.get(key)
-            for key in (
-                "version",
-                "factory",
-                "n",
-                "d",
-                "recall",
-                "k",
-                "search_params",
-                "model_id",
-                "releases",
-                "saved",
-            )
-        },
-    )
+        if params["added"] or params.get("replaced"):
+            store.record_index(params)
+        result.modalities[name] = params
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _summary(modality: str, params: dict) -> str:
-    if params.get("added") == 0:
+    if params.get("added") == 0 and not params.get("replaced"):
         return f"{modality}: nothing new ({params['n']:,} vectors already indexed)"
     how = f" ({params['search_params']})" if params.get("search_params") else ""
     grown = f", +{params['added']:,}" if params.get("added") else ""
+    replaced = f" ({params['replaced']:,} replaced)" if params.get("replaced") else ""
     return (
-        f"{modality}: {params['n']:,} vectors{grown}, {params['factory']}, "
+        f"{modality}: {params['n']:,} vectors{grown}{replaced}, {params['factory']}, "
         f"recall@{params['k']} {params['recall']:.3f}{how}"
     )
 
@@ -434,7 +409,7 @@ _LOADED: dict[Path, tuple[str, faiss.Index, dict]] = {}
 
 def load_store_index(store: Store | str | os.PathLike, modality: str) -> tuple[faiss.Index, dict]:
     """The saved index of a modality and its params, cached until a new version is saved."""
-    store = open_store(store)
+    store = Store.open(store)
     index_dir = store.index_dir()
     key = (index_dir / f"{modality}.faiss").resolve()
     version = read_params(index_dir, modality).get("version")
@@ -459,8 +434,7 @@ def search_store(
     source_ids (nq, k) int64), best first; where fewer than k stars exist the id is -1 and the
     similarity NaN.
     """
-    if modality not in MODALITIES:
-        raise SpecsearchError(f"modality {modality!r} must be lrs or xp")
+    check_modality(modality)
     if k < 1:
         raise SpecsearchError(f"k must be at least 1, got {k}")
     index, params = load_store_index(store, modality)

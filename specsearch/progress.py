@@ -3,6 +3,7 @@ logs, pipes or tests), and cleared when the work is done.
 
 ``progress(description, total)`` yields ``advance(n)`` for one task; ``bar()`` is the underlying
 ``rich.progress.Progress`` for work with several tasks (ingest: scanning, reading, merging).
+Every long stage takes ``show_progress`` (the same name everywhere) and passes it here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class _Rate(ProgressColumn):
         return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s")
 
 
-def bar(show: bool = True, unit: str = "") -> Progress:
+def bar(show_progress: bool = True, unit: str = "") -> Progress:
     """description, bar, done/total [unit], rate, elapsed and remaining time."""
     console = Console(stderr=True)
     columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
@@ -44,15 +45,18 @@ def bar(show: bool = True, unit: str = "") -> Progress:
         columns += [TextColumn(unit), _Rate(unit)]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     return Progress(
-        *columns, console=console, transient=True, disable=not (show and console.is_terminal)
+        *columns,
+        console=console,
+        transient=True,
+        disable=not (show_progress and console.is_terminal),
     )
 
 
 @contextlib.contextmanager
 def progress(
-    description: str, total: int | None, show: bool = True, unit: str = ""
+    description: str, total: int | None, show_progress: bool = True, unit: str = ""
 ) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``: report n more units of ``total`` done."""
-    with bar(show, unit) as display:
+    with bar(show_progress, unit) as display:
         task = display.add_task(description, total=total)
         yield lambda n: display.advance(task, n)

@@ -1,16 +1,42 @@
-"""The one place that defines specsearch's table schemas (canonical shards, rejects, truth)."""
+"""The one place that defines specsearch's tables: every schema the store holds (canonical
+shards, rejects, embeddings, scores, neighbours) and the simulator's truth, plus the names they
+share (modalities, labels, release names)."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError
+from .errors import InputError, SpecsearchError
 from .grids import N_LRS, N_XP
+
+MODALITIES = ("lrs", "xp")
+"""LAMOST low-resolution spectra and Gaia XP spectra."""
 
 LABELS = ("teff", "logg", "fe_h", "alpha_m")
 LABEL_UNITS = {"teff": "K", "logg": "dex", "fe_h": "dex", "alpha_m": "dex"}
+
+_RELEASE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_release(release: str) -> str:
+    """A release name is used as a partition directory: letters, digits, '_', '.', '-' only."""
+    if not release or not _RELEASE_RE.match(release):
+        raise SpecsearchError(f"release name {release!r} must be letters, digits, '_', '.' or '-'")
+    return release
+
+
+def check_modality(modality: str, option: str = "modality") -> str:
+    """``modality`` if it is one of MODALITIES, else a one-line error naming ``--option``."""
+    if modality not in MODALITIES:
+        raise SpecsearchError(f"--{option} must be lrs or xp, not {modality!r}")
+    return modality
+
 
 LRS_ARRAY = pa.list_(pa.float32(), N_LRS)
 XP_ARRAY = pa.list_(pa.float32(), N_XP)
@@ -39,6 +65,61 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
     ]
 )
+
+
+def rejects_table(release: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Build a REJECTS_SCHEMA table from dicts with keys file, row, source_id, obsid, reason.
+
+    Missing keys are null; ``release`` is filled in for every row.
+    """
+    rows = [
+        {
+            "release": release,
+            "file": r.get("file"),
+            "row": r.get("row"),
+            "source_id": r.get("source_id"),
+            "obsid": r.get("obsid"),
+            "reason": r["reason"],
+        }
+        for r in records
+    ]
+    return (
+        pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA) if rows else REJECTS_SCHEMA.empty_table()
+    )
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """Schema of the embedding files: one row per star and modality (the release is the
+    folder the file lies in)."""
+    fields = [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float16(), dim)),  # L2-normalised
+        pa.field("recon_chi2", pa.float32()),  # observed vs in-modal reconstruction
+        pa.field("cross_chi2", pa.float32()),  # observed vs prediction from the other modality
+        pa.field("n_good_pixels", pa.int32()),
+        pa.field("align_cos", pa.float32()),  # cos(z_lrs, z_xp) of the same star, where both exist
+    ]
+    for label in LABELS:
+        fields += [
+            pa.field(f"pred_{label}", pa.float32()),
+            pa.field(f"pred_{label}_err", pa.float32()),
+        ]
+    return pa.schema(fields)
+
+
+NEIGHBORS_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),  # the query's and the neighbours'
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = nearest
+        pa.field("neighbor_id", pa.int64(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine
+        pa.field("release", pa.string(), nullable=False),  # the release that was scored
+    ]
+)
+"""The kNN graph the score stage writes: each star's nearest other stars in one modality."""
 
 TRUTH_SCHEMA = pa.schema(
     [

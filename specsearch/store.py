@@ -1,165 +1,73 @@
-"""The store: one directory holding everything derived for one survey.
+"""The store: one directory holding everything derived for one survey, and the only code that
+knows its layout.
 
 Layout::
 
-    STORE/manifest.json
-    STORE/shards/release=DR1/part-00000.parquet      canonical rows
-    STORE/shards/release=DR1/rejects.parquet         rows that could not be used, with a reason
-    STORE/embeddings/release=DR1/modality=xp/...     (embed stage)
-    STORE/indexes/  STORE/scores/  STORE/reports/
+    STORE/manifest.json                                    the commit point (see below)
+    STORE/shards/release=R/part-00000.parquet              canonical rows (schema.SHARD_SCHEMA)
+    STORE/shards/release=R/rejects.parquet                 rows that could not be used, with a reason
+    STORE/embeddings/release=R/modality=M/part-*.parquet   embed stage (schema.embedding_schema)
+    STORE/indexes/<modality>.faiss + .json                 FAISS indexes (specsearch.indexes)
+    STORE/scores/release=R/scores.parquet                  anomaly scores (schema.SCORES_SCHEMA)
+    STORE/scores/release=R/neighbors.parquet               kNN graph (schema.NEIGHBORS_SCHEMA)
+    STORE/scores/reference.json                            the frozen calibration of the scores
+    STORE/reports/release=R/                               nightly reports
+    STORE/.scratch/                                        work folders of running stages
 
 Every file is written to a temporary name in the same directory and renamed into place; the
-manifest is written last, so a killed run leaves either the old state or the new one.
+manifest is written last, so a killed run leaves either the old state or the new one. Readers
+trust only the files the manifest lists.
+
+**A star seen in several releases.** Releases are ordered as they were first ingested. A star's
+*current* row is its row from the latest release that holds it (for embeddings: the latest
+release that holds that modality of it). Search, predict, the indexes and the SQL views use the
+current rows; the rows of earlier releases stay readable with ``release=...`` or
+``history=True``, for history and diffs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import SpecsearchError
-from .schema import REJECTS_SCHEMA, SHARD_SCHEMA
+from .files import (
+    ROWS_PER_FILE,
+    PartWriter,
+    file_sha256,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from .schema import MODALITIES, REJECTS_SCHEMA, SHARD_SCHEMA, check_modality, check_release
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = 1
 SUBDIRS = ("shards", "embeddings", "indexes", "scores", "reports")
-_RELEASE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SCRATCH = ".scratch"
 
 
-def check_release(release: str) -> str:
-    """A release name is used as a partition directory: letters, digits, '_', '.', '-' only."""
-    if not release or not _RELEASE_RE.match(release):
-        raise SpecsearchError(f"release name {release!r} must be letters, digits, '_', '.' or '-'")
-    return release
+@dataclass(frozen=True)
+class EmbeddingFile:
+    """One embedding file of the store, and which of its rows are current."""
 
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; store files follow the umask
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def parquet_options(schema: pa.Schema) -> dict[str, Any]:
-    """How the store writes Parquet: zstd; dictionaries for scalar columns only (spectra never
-    repeat, and trying a dictionary on them first makes writing several times slower); float
-    arrays byte-stream-split, which makes them smaller and faster to read back."""
-    split = {}
-    for f in schema:
-        if pa.types.is_nested(f.type) and f.type.value_type in (pa.float32(), pa.float64()):
-            split[f"{f.name}.list.element"] = "BYTE_STREAM_SPLIT"
-    return {
-        "compression": "zstd",
-        "use_dictionary": [f.name for f in schema if not pa.types.is_nested(f.type)],
-        "column_encoding": split,
-    }
-
-
-def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: Any) -> Path:
-    """Write a Parquet file atomically (temporary file, then rename), with ``parquet_options``
-    unless told otherwise."""
-    kwargs = parquet_options(table.schema) | kwargs
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **kwargs)
-    return Path(path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    return Path(path)
-
-
-class PartWriter:
-    """Streams tables into ``part-00000.parquet``, ``part-00001.parquet``, ... of up to
-    ``rows_per_file`` rows each (row groups of up to ``row_group_size``), with the store's
-    Parquet options. Each part is written to a temporary file and renamed into place when it is
-    full or on ``close``; ``abort`` removes the part being written. Memory holds one table."""
-
-    def __init__(self, out_dir: Path, rows_per_file: int, row_group_size: int = 4096):
-        self.out_dir = Path(out_dir)
-        self.rows_per_file = rows_per_file
-        self.row_group_size = row_group_size
-        self.files: list[Path] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._stack: contextlib.ExitStack | None = None
-        self._schema: pa.Schema | None = None
-        self._rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None or self._rows >= self.rows_per_file:
-                self._open_part(table.schema)
-            take = min(table.num_rows - start, self.rows_per_file - self._rows)
-            part = table.slice(start, take)
-            if part.schema != self._schema:
-                part = part.cast(self._schema)
-            self._writer.write_table(part, row_group_size=self.row_group_size)
-            self._rows += take
-            start += take
-
-    def _open_part(self, schema: pa.Schema) -> None:
-        self._close_part()
-        path = self.out_dir / f"part-{len(self.files):05d}.parquet"
-        self.files.append(path)
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(path))
-        self._schema = schema
-        self._writer = pq.ParquetWriter(tmp, schema, **parquet_options(schema))
-        self._rows = 0
-
-    def _close_part(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._stack.close()  # renames the temporary file into place
-            self._writer = None
-
-    def close(self) -> list[Path]:
-        """Finish the last part; returns every part written."""
-        self._close_part()
-        return self.files
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            with contextlib.suppress(Exception):  # atomic_path removes the temporary file
-                self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self._writer = None
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    release: str
+    modality: str
+    path: Path
+    current: np.ndarray  # bool per row: this row is the star's current one in this modality
 
 
 class Store:
@@ -172,11 +80,15 @@ class Store:
                 raise SpecsearchError(f"{self.root}: not a specsearch store (no {MANIFEST})")
             for sub in SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            self.write_manifest(
-                {"format": STORE_FORMAT, "created": _now(), "releases": {}, "models": {}}
-            )
+            self.write_manifest({"format": STORE_FORMAT, "created": _now(), "releases": {}})
 
-    # --- manifest
+    @classmethod
+    def open(cls, store: Store | str | os.PathLike) -> Store:
+        """The Store of an existing store directory (or the Store itself)."""
+        return store if isinstance(store, Store) else cls(store, create=False)
+
+    # ------------------------------------------------------------------ manifest
+
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
@@ -191,37 +103,58 @@ class Store:
         manifest["updated"] = _now()
         write_json_atomic(manifest, self.manifest_path)
 
-    def update_manifest(self, section: str, key: str, value: Any) -> None:
+    def _update_manifest(self, section: str, key: str, value: Any) -> None:
         manifest = self.read_manifest()
         manifest.setdefault(section, {})[key] = value
         self.write_manifest(manifest)
 
-    # --- paths
+    # ------------------------------------------------------------------ releases
+
     def shard_dir(self, release: str) -> Path:
         return self.root / "shards" / f"release={check_release(release)}"
 
-    def embedding_dir(self, release: str, modality: str) -> Path:
-        return (
-            self.root / "embeddings" / f"release={check_release(release)}" / f"modality={modality}"
-        )
-
-    def index_dir(self) -> Path:
-        return self.root / "indexes"
-
     def releases(self) -> list[str]:
-        """Releases with ingested shards, in the order they were added."""
+        """Releases with ingested shards, in the order they were first ingested (oldest first)."""
         # JSON objects keep their insertion order
         recorded = list(self.read_manifest().get("releases", {}))
         return [r for r in recorded if self.shard_dir(r).exists()]
 
-    # --- shards
+    def _release_rank(self) -> dict[str, int]:
+        return {release: rank for rank, release in enumerate(self.releases())}
+
+    def _check_known(self, release: str) -> str:
+        if release not in self.read_manifest().get("releases", {}):
+            raise SpecsearchError(f"{self.root}: release {release} is not in the store")
+        return release
+
+    @contextlib.contextmanager
+    def scratch(self, stage: str, release: str) -> Iterator[Path]:
+        """A fresh work folder for one run of ``stage`` on ``release``, removed afterwards.
+
+        A folder left by a killed run of the same stage and release (exactly: never a release
+        whose name only starts the same) is removed first.
+        """
+        base = self.root / SCRATCH
+        base.mkdir(parents=True, exist_ok=True)
+        # '+' cannot occur in a release name, so the prefix matches this release alone
+        prefix = f"{stage}+{check_release(release)}+"
+        for stale in base.glob(prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ shards
+
     def write_release(
         self,
         release: str,
         tables: Iterable[pa.Table],
         rejects: pa.Table | Callable[[], pa.Table] | None = None,
         sources: list[str] | None = None,
-        rows_per_file: int = 50_000,
+        rows_per_file: int = ROWS_PER_FILE,
     ) -> dict[str, Any]:
         """Write one release's canonical shards (replacing any earlier write of that release).
 
@@ -271,20 +204,22 @@ class Store:
             "sources": sources or [],
             "ingested": _now(),
         }
-        self.update_manifest("releases", release, entry)
+        self._update_manifest("releases", release, entry)
         return entry
+
+    def shard_checksums(self, release: str) -> dict[Path, str]:
+        """{shard file: sha256} of one release, as the manifest lists them."""
+        entry = self.read_manifest().get("releases", {}).get(self._check_known(release))
+        return {self.shard_dir(release) / name: sha for name, sha in sorted(entry["files"].items())}
 
     def shard_files(self, release: str | None = None) -> list[Path]:
         """The shard files the manifest lists (all releases, or one): never a stray or stale file."""
         releases = [release] if release else self.releases()
         if not releases:
             raise SpecsearchError(f"{self.root}: the store has no ingested release")
-        entries = self.read_manifest().get("releases", {})
         paths = []
         for rel in releases:
-            if rel not in entries:
-                raise SpecsearchError(f"{self.root}: release {rel} is not in the store")
-            found = [self.shard_dir(rel) / name for name in sorted(entries[rel]["files"])]
+            found = list(self.shard_checksums(rel))
             missing = [p.name for p in found if not p.exists()]
             if not found or missing:
                 what = f"shard {missing[0]} is missing" if missing else "has no shards"
@@ -293,9 +228,60 @@ class Store:
         return paths
 
     def shards(self, release: str | None = None) -> ds.Dataset:
-        """The canonical rows as an Arrow dataset (all releases, or one)."""
+        """Every canonical row of one release, or of all (history: a star may appear in several
+        releases), as an Arrow dataset. ``read_shards`` applies the current-row rule."""
         paths = [str(p) for p in self.shard_files(release)]
         return ds.dataset(paths, format="parquet", schema=pq.read_schema(paths[0]))
+
+    def read_shards(
+        self,
+        columns: list[str] | None = None,
+        source_ids: np.ndarray | None = None,
+        release: str | None = None,
+        history: bool = False,
+    ) -> pa.Table:
+        """Canonical rows as one table: the current row of every star (default), the rows of one
+        ``release``, or with ``history`` every row of every release. ``source_ids`` restricts
+        the stars read."""
+        names = None if columns is None else list(dict.fromkeys([*columns, "source_id"]))
+        if names is not None and not (release or history):
+            names = list(dict.fromkeys([*names, "release"]))
+        where = None
+        if source_ids is not None:
+            where = pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64)))
+        table = self.shards(release).to_table(columns=names, filter=where)
+        if not (release or history):
+            table = table.filter(pa.array(_latest(table, self._release_rank())))
+        return table.select(columns) if columns is not None else table
+
+    def iter_shard_batches(
+        self,
+        release: str | None = None,
+        columns: list[str] | None = None,
+        batch_size: int = 1024,
+        history: bool = False,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream canonical rows in record batches of at most ``batch_size`` rows: the current
+        rows (default), one ``release``'s rows, or with ``history`` every row."""
+        if release or history:
+            yield from self.shards(release).to_batches(columns=columns, batch_size=batch_size)
+            return
+        releases = self.releases()
+        for position, rel in enumerate(releases):
+            later = [self._shard_ids(r) for r in releases[position + 1 :]]
+            superseded = np.unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
+            names = None if columns is None else list(dict.fromkeys([*columns, "source_id"]))
+            for batch in self.shards(rel).to_batches(columns=names, batch_size=batch_size):
+                if superseded.size:
+                    ids = batch.column("source_id").to_numpy()
+                    batch = batch.filter(pa.array(~np.isin(ids, superseded)))
+                if columns is not None:
+                    batch = batch.select(columns)
+                if batch.num_rows:
+                    yield batch
+
+    def _shard_ids(self, release: str) -> np.ndarray:
+        return self.shards(release).to_table(columns=["source_id"]).column("source_id").to_numpy()
 
     def rejects(self, release: str | None = None) -> pa.Table:
         releases = [release] if release else self.releases()
@@ -306,11 +292,189 @@ class Store:
         ]
         return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
 
-    def iter_shard_batches(
-        self, release: str | None = None, columns: list[str] | None = None, batch_size: int = 1024
-    ) -> Iterator[pa.RecordBatch]:
-        """Stream canonical rows in record batches of at most ``batch_size`` rows."""
-        yield from self.shards(release).to_batches(columns=columns, batch_size=batch_size)
+    # ------------------------------------------------------------------ embeddings
+
+    def embedding_path(self, release: str, modality: str, name: str) -> Path:
+        """Where the embed stage writes one embedding file."""
+        check_modality(modality)
+        return (
+            self.root
+            / "embeddings"
+            / f"release={check_release(release)}"
+            / f"modality={modality}"
+            / name
+        )
+
+    def record_embeddings(self, model_id: str) -> dict[str, Any]:
+        """Commit the embedding files on disk to the manifest (with their rows); the embed stage
+        calls this last. Returns the manifest entry."""
+        releases: dict[str, Any] = {}
+        for release in self.releases():
+            for modality in MODALITIES:
+                folder = self.embedding_path(release, modality, "x").parent
+                files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+                if files:
+                    releases.setdefault(release, {})[modality] = {
+                        p.name: pq.ParquetFile(p).metadata.num_rows for p in files
+                    }
+        entry = {"model_id": model_id, "releases": releases}
+        manifest = self.read_manifest()
+        manifest["embeddings"] = entry
+        self.write_manifest(manifest)
+        return entry
+
+    def embeddings_model(self) -> str | None:
+        """The model id the store's embeddings were made with (None before the first embed)."""
+        return self.read_manifest().get("embeddings", {}).get("model_id")
+
+    def embedding_files(self, modality: str, release: str | None = None) -> list[Path]:
+        """The embedding files of one modality the manifest lists, oldest release first."""
+        return [path for _, path in self._embedding_files(modality, release)]
+
+    def _embedding_files(self, modality: str, release: str | None) -> list[tuple[str, Path]]:
+        check_modality(modality)
+        recorded = self.read_manifest().get("embeddings", {}).get("releases", {})
+        releases = [self._check_known(release)] if release else self.releases()
+        return [
+            (rel, self.embedding_path(rel, modality, name))
+            for rel in releases
+            for name in sorted(recorded.get(rel, {}).get(modality, {}))
+        ]
+
+    def embedding_modalities(self) -> list[str]:
+        """The modalities with at least one embedding file."""
+        return [m for m in MODALITIES if self._embedding_files(m, None)]
+
+    def current_embedding_files(self, modality: str) -> list[EmbeddingFile]:
+        """Every embedding file of ``modality``, oldest release first, with the rows that are
+        current (a star's row from the latest release that embedded it). Reads only source_id."""
+        files = self._embedding_files(modality, None)
+        if not files:
+            raise SpecsearchError(f"{self.root}: no {modality} embeddings (run 'specsearch embed')")
+        ids = [_read_ids(path) for _, path in files]
+        rank = self._release_rank()
+        ranks = np.concatenate(
+            [np.full(len(i), rank[rel]) for (rel, _), i in zip(files, ids, strict=True)]
+        )
+        table = pa.table({"source_id": np.concatenate(ids), "_rank": ranks})
+        current = _latest(table, None)
+        bounds = np.cumsum([0] + [len(i) for i in ids])
+        return [
+            EmbeddingFile(rel, modality, path, current[bounds[j] : bounds[j + 1]])
+            for j, (rel, path) in enumerate(files)
+        ]
+
+    def embeddings(
+        self,
+        modality: str,
+        release: str | None = None,
+        columns: list[str] | None = None,
+        source_ids: np.ndarray | None = None,
+        history: bool = False,
+    ) -> pa.Table:
+        """Embedding rows of one modality with a ``release`` column: the current row of every
+        star (default), the rows of one ``release``, or with ``history`` every row.
+        ``source_ids`` restricts the stars read (an id lookup reads few row groups)."""
+        files = self._embedding_files(modality, release)
+        if not files:
+            where = f" of release {release}" if release else ""
+            raise SpecsearchError(
+                f"{self.root}: no {modality} embeddings{where} (run 'specsearch embed')"
+            )
+        names = None if columns is None else list(dict.fromkeys(["source_id", *columns]))
+        where = None
+        if source_ids is not None:
+            where = pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64)))
+        parts = []
+        for rel, path in files:
+            part = ds.dataset(str(path), format="parquet").to_table(columns=names, filter=where)
+            parts.append(
+                part.append_column("release", pa.array([rel] * part.num_rows, pa.string()))
+            )
+        table = pa.concat_tables(parts)
+        if not (release or history):
+            table = table.filter(pa.array(_latest(table, self._release_rank())))
+        keep = [*columns, "release"] if columns is not None else table.column_names
+        return table.select(list(dict.fromkeys(keep)))
+
+    # ------------------------------------------------------------------ scores
+
+    def score_path(self, release: str, name: str) -> Path:
+        """Where the score stage writes one file of a release (scores, neighbours)."""
+        return self.root / "scores" / f"release={check_release(release)}" / name
+
+    def record_scores(self, release: str, entry: dict[str, Any]) -> None:
+        """Commit a release's score files (``entry["files"]``: {kind: file name}) and run facts."""
+        self._check_known(release)
+        self._update_manifest("scores", release, entry)
+
+    def scored_releases(self) -> list[str]:
+        """Releases with committed scores, oldest first."""
+        recorded = self.read_manifest().get("scores", {})
+        return [r for r in self.releases() if r in recorded]
+
+    def score_entry(self, release: str) -> dict[str, Any] | None:
+        """The manifest entry of a release's scores (None: not scored)."""
+        return self.read_manifest().get("scores", {}).get(release)
+
+    def _score_files(self, kind: str) -> list[Path]:
+        recorded = self.read_manifest().get("scores", {})
+        return [
+            self.score_path(r, recorded[r]["files"][kind])
+            for r in self.scored_releases()
+            if kind in recorded[r].get("files", {})
+        ]
+
+    def score_files(self) -> list[Path]:
+        """Committed score files, oldest release first."""
+        return self._score_files("scores")
+
+    def neighbor_files(self) -> list[Path]:
+        """Committed kNN-graph files, oldest release first."""
+        return self._score_files("neighbors")
+
+    # ------------------------------------------------------------------ indexes
+
+    def index_dir(self) -> Path:
+        return self.root / "indexes"
+
+    def record_index(self, params: dict) -> None:
+        """Commit a saved index's parameters to the manifest."""
+        keys = (
+            "version",
+            "factory",
+            "n",
+            "d",
+            "recall",
+            "k",
+            "search_params",
+            "model_id",
+            "releases",
+            "saved",
+        )
+        self._update_manifest("indexes", params["modality"], {key: params.get(key) for key in keys})
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    return pq.read_table(path, columns=["source_id"]).column("source_id").to_numpy()
+
+
+def _latest(table: pa.Table, rank: dict[str, int] | None) -> np.ndarray:
+    """Bool mask of the rows that are their star's latest: the highest release rank per
+    source_id. ``rank`` maps the table's ``release`` column to ranks (None: the table has a
+    ``_rank`` column)."""
+    ids = table.column("source_id").to_numpy()
+    if rank is None:
+        ranks = table.column("_rank").to_numpy()
+    else:  # rank follows the order of the dict's keys
+        found = pc.index_in(table.column("release"), value_set=pa.array(list(rank), pa.string()))
+        ranks = found.fill_null(-1).to_numpy()
+    order = np.lexsort((ranks, ids))
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = ids[order][1:] != ids[order][:-1]
+    keep = np.zeros(len(ids), dtype=bool)
+    keep[order[last]] = True
+    return keep
 
 
 def _now() -> str:

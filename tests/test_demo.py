@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import io
-
-from rich.console import Console
 from typer.testing import CliRunner
 
 from specsearch.cli.app import app
-from specsearch.demo import run_demo
-from specsearch.sql import connect
+from specsearch.pipeline.demo import run_demo
+from specsearch.query.sql import connect
 
 
 def test_demo_runs_and_writes_only_under_out(tmp_path):
     out = tmp_path / "demo"
-    text = io.StringIO()
-    timings = run_demo(out, console=Console(file=text, width=120))
+    shown = []
+    result = run_demo(out, show=shown.append)
     assert set(p.name for p in tmp_path.iterdir()) == {"demo"}
-    assert {"ingest", "embed", "index", "search xp->xp", "search lrs->xp", "sql"} <= set(timings)
+    assert {"ingest", "embed", "index", "search xp->xp", "search lrs->xp", "sql"} <= set(
+        result.timings
+    )
+    assert result.steps["ingest"].stars == 2000 and result.steps["embed"].xp == 2000
     con = connect(out / "store")
     counts = dict(con.execute("SELECT modality, count(*) FROM embeddings GROUP BY 1").fetchall())
     assert counts == {"lrs": 2000, "xp": 2000}
@@ -27,7 +27,9 @@ def test_demo_runs_and_writes_only_under_out(tmp_path):
         "WHERE modality = 'xp'"
     ).fetchall()[0][0]
     assert dteff < 150
-    assert "demo done" in text.getvalue()
+    searches = result.searches["search xp->xp"]
+    assert searches.num_rows == 5 and searches.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+    assert any(isinstance(item, str) and item.startswith("demo done") for item in shown)
 
 
 def test_demo_twice_changes_nothing(tmp_path):

@@ -10,11 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from specsearch.cli.app import app
-from specsearch.embed import embed_store, plan_chunks, read_embeddings
 from specsearch.errors import SpecsearchError
-from specsearch.ingest import ingest
-from specsearch.search import search
-from specsearch.store import Store, write_parquet_atomic
+from specsearch.files import write_parquet_atomic
+from specsearch.pipeline.embed import embed_store, plan_chunks
+from specsearch.pipeline.ingest import ingest
+from specsearch.query.search import search
+from specsearch.store import Store
 
 from .conftest import N_STARS, synthetic_shard
 
@@ -23,7 +24,7 @@ from .conftest import N_STARS, synthetic_shard
 def store(tmp_path):
     src = tmp_path / "src"
     write_parquet_atomic(synthetic_shard(N_STARS, 0, "DR1"), src / "part-00000.parquet")
-    ingest(src, tmp_path / "store", "DR1", progress=False)
+    ingest(src, tmp_path / "store", "DR1", show_progress=False)
     return tmp_path / "store"
 
 
@@ -36,10 +37,11 @@ def _embedding_tables(store):
 
 
 def test_embed_writes_one_row_per_present_spectrum(store, tiny_model):
-    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
-    assert "270 LRS and 300 XP" in summary
-    lrs = read_embeddings(store, "lrs")
-    xp = read_embeddings(store, "xp")
+    summary = embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
+    assert (summary.lrs, summary.xp, summary.chunks) == (270, 300, 3)
+    assert "270 LRS and 300 XP" in str(summary)
+    lrs = Store(store).embeddings("lrs")
+    xp = Store(store).embeddings("xp")
     assert lrs.num_rows == 270 and xp.num_rows == 300
     vectors = np.asarray(
         xp.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32
@@ -53,13 +55,14 @@ def test_embed_writes_one_row_per_present_spectrum(store, tiny_model):
 
 
 def test_second_embed_adds_nothing(store, tiny_model):
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
     before = {
         k: (v, (Store(store).root / k).stat().st_mtime_ns)
         for k, v in _embedding_tables(store).items()
     }
-    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
-    assert summary.startswith("embed: nothing to do (3 chunks")
+    summary = embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
+    assert summary.chunks == 0 and summary.already_done == 3
+    assert str(summary).startswith("embed: nothing to do (3 chunks")
     after = _embedding_tables(store)
     assert set(after) == set(before)
     assert all((Store(store).root / k).stat().st_mtime_ns == before[k][1] for k in after)
@@ -68,11 +71,11 @@ def test_second_embed_adds_nothing(store, tiny_model):
 def test_killed_run_resumes_to_the_same_files(tmp_path, store, tiny_model):
     clean = tmp_path / "clean"
     shutil.copytree(store, clean)
-    embed_store(clean, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(clean, model=str(tiny_model), show_progress=False, chunk_rows=128)
     # a run that died after one chunk, plus a stray temporary file from the interrupted write
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128, max_chunks=1)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128, max_chunks=1)
     assert len(_embedding_tables(store)) == 2
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
     resumed, reference = _embedding_tables(store), _embedding_tables(clean)
     assert set(resumed) == set(reference) and len(resumed) == 6
     for name, table in reference.items():
@@ -80,14 +83,15 @@ def test_killed_run_resumes_to_the_same_files(tmp_path, store, tiny_model):
 
 
 def test_new_release_embeds_only_new_rows(tmp_path, store, tiny_model):
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
     src2 = tmp_path / "src2"
     write_parquet_atomic(
         synthetic_shard(50, 1, "DR2", first_id=10_000), src2 / "part-00000.parquet"
     )
-    ingest(src2, store, "DR2", progress=False)
-    summary = embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
-    assert "45 LRS and 50 XP" in summary and "(3 already done)" in summary
+    ingest(src2, store, "DR2", show_progress=False)
+    summary = embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
+    assert (summary.lrs, summary.xp, summary.already_done) == (45, 50, 3)
+    assert "45 LRS and 50 XP" in str(summary) and "(3 already done)" in str(summary)
     assert len(plan_chunks(Store(store), chunk_rows=128)) == 4
 
 
@@ -96,9 +100,14 @@ def test_ray_engine_writes_the_same_rows(tmp_path, store, tiny_model):
     pytest.importorskip("ray")
     other = tmp_path / "ray"
     shutil.copytree(store, other)
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
     embed_store(
-        other, model=str(tiny_model), engine="ray", device="cpu", progress=False, chunk_rows=128
+        other,
+        model=str(tiny_model),
+        engine="ray",
+        device="cpu",
+        show_progress=False,
+        chunk_rows=128,
     )
     local, remote = _embedding_tables(store), _embedding_tables(other)
     assert set(local) == set(remote)
@@ -115,13 +124,13 @@ def test_ray_engine_writes_the_same_rows(tmp_path, store, tiny_model):
 def indexed_store(store, tiny_model):
     from specsearch.indexes import build_store_indexes
 
-    embed_store(store, model=str(tiny_model), progress=False, chunk_rows=128)
+    embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=128)
     build_store_indexes(store)
     return store
 
 
 def test_search_by_id_in_and_across_modalities(indexed_store, tiny_model):
-    xp = read_embeddings(indexed_store, "xp")
+    xp = Store(indexed_store).embeddings("xp")
     query = int(xp.column("source_id")[21].as_py())
     table = search(
         indexed_store, source_ids=np.array([query]), modality="xp", k=5, model=str(tiny_model)
@@ -172,7 +181,7 @@ def test_search_by_spectrum_file_finds_the_star_itself(tmp_path, indexed_store, 
 
 
 def test_a_chunk_reads_exactly_its_rows_across_row_groups(tmp_path):
-    from specsearch.embed import Chunk, _read_chunk
+    from specsearch.pipeline.embed import Chunk, _read_chunk
 
     table = synthetic_shard(350, 2, "DR1")
     path = tmp_path / "part-00000.parquet"

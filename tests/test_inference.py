@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from specsearch.cli.app import app
 from specsearch.errors import SpecsearchError
 from specsearch.grids import N_LRS, N_XP, XP_NORM_SLICE, lrs_model_input, xp_model_input
-from specsearch.inference import SpecCLIPRunner
 from specsearch.models import build_model, registry, save_model
+from specsearch.models.runner import SpecCLIPRunner
 from specsearch.schema import LABELS
 
 
@@ -251,7 +253,9 @@ def test_registry_lists_and_resolves_user_models(tmp_path, monkeypatch, pr_model
     runner = SpecCLIPRunner("my-model", device="cpu")
     assert runner.model_id == "my-model" and runner.variant == "pr"
     with pytest.raises(SpecsearchError, match="unknown model 'nope'"):
-        registry.model_info_cli("nope")
+        registry.model_card("nope")
+    result = CliRunner().invoke(app, ["models", "info", "nope"])
+    assert result.exit_code == 2 and "unknown model 'nope'" in result.output
     with pytest.raises(SpecsearchError, match="not a model directory"):
         registry.resolve_model(tmp_path)
     encoder_dir = save_model(build_model("specformer", "small"), tmp_path / "models" / "enc")
@@ -265,8 +269,8 @@ def test_default_model_when_none_is_shipped(tmp_path, monkeypatch, capsys):
         pytest.skip("a model is shipped")
     with pytest.raises(SpecsearchError, match="default model"):
         registry.resolve_model("default")
-    registry.list_models_cli()
-    assert "no models installed" in capsys.readouterr().out
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0 and "no models installed" in result.output
 
 
 def test_cuda_request_without_cuda_is_a_clear_error():

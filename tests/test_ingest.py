@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from specsearch.cli.app import app
 from specsearch.errors import InputError
 from specsearch.grids import N_LRS, N_XP, XP_WAVELENGTH
-from specsearch.ingest import detect_format, ingest, median_snr_lrs, median_snr_xp
+from specsearch.pipeline.ingest import detect_format, ingest, median_snr_lrs, median_snr_xp
 from specsearch.schema import SHARD_SCHEMA, TRUTH_SCHEMA, column_matrix, make_shard_table
 from specsearch.store import Store
 from specsearch.surveys.lamost import write_lamost_fits
@@ -107,10 +107,10 @@ def test_cli_ingest_folder(release_folder, tmp_path):
 
 
 def test_ingest_twice_gives_identical_files(release_folder, tmp_path):
-    ingest(release_folder, tmp_path / "a", "DR1", progress=False)
-    ingest(release_folder, tmp_path / "b", "DR1", progress=False)
+    ingest(release_folder, tmp_path / "a", "DR1", show_progress=False)
+    ingest(release_folder, tmp_path / "b", "DR1", show_progress=False)
     first = Store(tmp_path / "a").read_manifest()["releases"]["DR1"]["files"]
-    ingest(release_folder, tmp_path / "a", "DR1", progress=False)
+    ingest(release_folder, tmp_path / "a", "DR1", show_progress=False)
     again = Store(tmp_path / "a").read_manifest()["releases"]["DR1"]["files"]
     other = Store(tmp_path / "b").read_manifest()["releases"]["DR1"]["files"]
     assert first == again == other
@@ -177,7 +177,7 @@ def test_single_file_with_too_few_good_pixels_is_an_error(tmp_path):
         tmp_path / "nan.fits", NATIVE, flux, np.ones(NATIVE.size), header={"OBSID": 5}
     )
     with pytest.raises(InputError, match=r"nan\.fits: only 34% of the LRS grid has good pixels"):
-        ingest(path, tmp_path / "s", "DR1", progress=False)
+        ingest(path, tmp_path / "s", "DR1", show_progress=False)
 
 
 def test_empty_release_is_an_error(tmp_path):
@@ -200,7 +200,7 @@ def test_only_side_tables_is_an_empty_release(release_folder, tmp_path):
         (release_folder / "truth.parquet").read_bytes()
     )
     with pytest.raises(InputError, match=r"no usable spectra for release DR1 \(0 rejected\)$"):
-        ingest(tmp_path / "src", tmp_path / "s", "DR1", progress=False)
+        ingest(tmp_path / "src", tmp_path / "s", "DR1", show_progress=False)
 
 
 def test_duplicates_keep_the_highest_median_snr(tmp_path):
@@ -208,8 +208,8 @@ def test_duplicates_keep_the_highest_median_snr(tmp_path):
     lamost(src / "a_low.fits", {"OBSID": 1, "GAIA_SOURCE_ID": G1}, ivar=1e-3)
     lamost(src / "b_high.fits", {"OBSID": 2, "GAIA_SOURCE_ID": G1}, ivar=4e-3, layout="table")
     lamost(src / "c_low.fits", {"OBSID": 3, "GAIA_SOURCE_ID": G1}, ivar=1e-3)
-    summary = ingest(src, tmp_path / "s", "DR1", progress=False)
-    assert summary.startswith(
+    summary = ingest(src, tmp_path / "s", "DR1", show_progress=False)
+    assert str(summary).startswith(
         "ingested DR1: 1 stars (1 LRS, 0 XP, 0 both) from 3 files, 2 rejected"
     )
     store = Store(tmp_path / "s")
@@ -343,8 +343,8 @@ def test_ingest_shard_with_duplicates_and_bad_rows(tmp_path):
         make_shard_table([1, 9], "X", xp_flux=xp_flux, xp_flux_error=xp_error / 2),
         tmp_path / "src" / "b.parquet",
     )
-    summary = ingest(tmp_path / "src", tmp_path / "s", "DR1", progress=False)
-    assert summary.startswith(
+    summary = ingest(tmp_path / "src", tmp_path / "s", "DR1", show_progress=False)
+    assert str(summary).startswith(
         "ingested DR1: 4 stars (2 LRS, 3 XP, 1 both) from 2 files, 7 rejected"
     )
     store = Store(tmp_path / "s")
@@ -380,8 +380,8 @@ def test_gaia_xp_sampled_product_pairs_with_lamost(tmp_path):
         ]
     (src / "XP_SAMPLED_test.csv").write_text("\n".join(lines) + "\n")
     assert detect_format(src / "XP_SAMPLED_test.csv") == "gaia_xp"
-    summary = ingest(src, tmp_path / "s", "DR1", progress=False)
-    assert summary.startswith(
+    summary = ingest(src, tmp_path / "s", "DR1", show_progress=False)
+    assert str(summary).startswith(
         "ingested DR1: 2 stars (1 LRS, 2 XP, 1 both) from 2 files, 0 rejected"
     )
     table = Store(tmp_path / "s").shards("DR1").to_table()
@@ -425,10 +425,10 @@ def random_shards(folder, rng, n_files=3, rows=40, pool=70):
 
 
 def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatch):
-    import specsearch.ingest as ingest_module
+    import specsearch.pipeline.ingest as ingest_module
 
     best = random_shards(tmp_path / "src", np.random.default_rng(5))
-    ingest(tmp_path / "src", tmp_path / "memory", "DR1", rows_per_batch=16, progress=False)
+    ingest(tmp_path / "src", tmp_path / "memory", "DR1", rows_per_batch=16, show_progress=False)
     # every reader batch its own run, 4-row row groups, 7 source_ids merged at a time
     monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
     monkeypatch.setattr(ingest_module, "_RUN_ROW_GROUP", 4)
@@ -439,9 +439,9 @@ def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatc
         "DR1",
         rows_per_batch=16,
         rows_per_file=30,
-        progress=False,
+        show_progress=False,
     )
-    assert summary.startswith(f"ingested DR1: {len(best)} stars")
+    assert str(summary).startswith(f"ingested DR1: {len(best)} stars")
     spilled, memory = Store(tmp_path / "spill"), Store(tmp_path / "memory")
     files = spilled.shard_files("DR1")
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [30] * (len(best) // 30) + (
@@ -465,8 +465,7 @@ def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatc
 
 
 def test_xp_file_failing_part_way_adds_no_rows(tmp_path, monkeypatch):
-    import specsearch.ingest as ingest_module
-    import specsearch.surveys.gaia_xp as gaia_xp
+    import specsearch.pipeline.ingest as ingest_module
 
     src = tmp_path / "src"
     lamost(src / "spec-1.fits", {"OBSID": 101, "GAIA_SOURCE_ID": G1})
@@ -483,10 +482,10 @@ def test_xp_file_failing_part_way_adds_no_rows(tmp_path, monkeypatch):
         "detect_format",
         lambda p: "gaia_xp" if p.name == "xp.csv" else real_detect(p),
     )
-    monkeypatch.setattr(gaia_xp, "read_gaia_xp", fails_part_way)
+    monkeypatch.setattr(ingest_module, "read_gaia_xp", fails_part_way)
     monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
-    summary = ingest(src, tmp_path / "s", "DR1", progress=False)
-    assert summary.startswith(
+    summary = ingest(src, tmp_path / "s", "DR1", show_progress=False)
+    assert str(summary).startswith(
         "ingested DR1: 1 stars (1 LRS, 0 XP, 0 both) from 2 files, 1 rejected"
     )
     reason = Store(tmp_path / "s").rejects("DR1").column("reason").to_pylist()
@@ -497,13 +496,13 @@ def test_failed_first_ingest_leaves_no_store(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("not spectra\n")
     with pytest.raises(InputError, match="no usable spectra"):
-        ingest(tmp_path / "src", tmp_path / "new-store", "DR1", progress=False)
+        ingest(tmp_path / "src", tmp_path / "new-store", "DR1", show_progress=False)
     assert not (tmp_path / "new-store").exists()
 
 
 @pytest.mark.parametrize("run_bytes", [1, 1 << 30])  # spilled runs, or one run in memory
 def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, run_bytes):
-    import specsearch.ingest as ingest_module
+    import specsearch.pipeline.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "_RUN_BYTES", run_bytes)
     xp_flux, xp_error = xp_spectrum(1)
@@ -512,7 +511,7 @@ def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, r
         table = make_shard_table([int(ord(name))], "X", xp_flux=xp_flux, xp_flux_error=xp_error)
         pq.write_table(table.append_column("extra", value), tmp_path / f"src/{name}.parquet")
     with pytest.raises(InputError, match=r"^\S+src: files disagree on a column type \(.*\)$"):
-        ingest(tmp_path / "src", tmp_path / "store", "DR1", progress=False)
+        ingest(tmp_path / "src", tmp_path / "store", "DR1", show_progress=False)
 
 
 def test_xp_files_in_worker_processes_give_the_same_release(tmp_path, monkeypatch):
@@ -542,8 +541,10 @@ def test_xp_files_in_worker_processes_give_the_same_release(tmp_path, monkeypatc
     stores = {}
     for workers in (1, 2):
         stores[workers] = Store(tmp_path / f"s{workers}")
-        summary = ingest(src, stores[workers].root, "DR1", workers=workers, progress=False)
-        assert summary.startswith("ingested DR1: 3 stars (0 LRS, 3 XP, 0 both) from 4 files, 4")
+        summary = ingest(src, stores[workers].root, "DR1", workers=workers, show_progress=False)
+        assert str(summary).startswith(
+            "ingested DR1: 3 stars (0 LRS, 3 XP, 0 both) from 4 files, 4"
+        )
     assert started == [2]  # workers=1 reads in this process
     assert stores[2].shards("DR1").to_table().equals(stores[1].shards("DR1").to_table())
     assert stores[2].rejects("DR1").equals(stores[1].rejects("DR1"))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from specsearch import grids, lrs_synth
+from specsearch import grids
+from specsearch.sim import lrs_synth
 
 WAVE = grids.LRS_WAVELENGTH
 VAC = lrs_synth.air_to_vacuum

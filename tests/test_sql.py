@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 from specsearch.cli.app import app
 from specsearch.errors import SpecsearchError
+from specsearch.files import write_parquet_atomic
 from specsearch.grids import N_LRS, N_XP
+from specsearch.query.output import emit_relation
+from specsearch.query.sql import connect
 from specsearch.schema import make_shard_table
-from specsearch.sql import connect, sql_cli
-from specsearch.store import Store, write_parquet_atomic
+from specsearch.store import Store
 
 D = 8
 
@@ -35,8 +37,9 @@ def write_embeddings(store, release, modality, ids, with_labels=False):
     if with_labels:
         columns["pred_teff"] = pa.array(np.linspace(4000, 6000, len(ids)).astype(np.float32))
         columns["pred_teff_err"] = pa.array(np.full(len(ids), 50.0, np.float32))
-    path = store.embedding_dir(release, modality) / "part-00000.parquet"
+    path = store.embedding_path(release, modality, "part-00000.parquet")
     write_parquet_atomic(pa.table(columns), path)
+    store.record_embeddings("m1")
     return vectors
 
 
@@ -65,9 +68,11 @@ def store(tmp_path):
             "rank": pa.array([1, 2], pa.int32()),
             "neighbor_id": pa.array([101, 102], pa.int64()),
             "similarity": pa.array([0.9, 0.8], pa.float32()),
+            "release": ["DR1", "DR1"],
         }
     )
-    write_parquet_atomic(neighbors, store.root / "scores" / "release=DR1" / "neighbors-xp.parquet")
+    write_parquet_atomic(neighbors, store.score_path("DR1", "neighbors.parquet"))
+    store.record_scores("DR1", {"files": {"neighbors": "neighbors.parquet"}})
     return store
 
 
@@ -192,4 +197,6 @@ def test_cli_attach_and_errors(store, tmp_path):
     result = runner.invoke(app, ["sql", "--store", str(tmp_path / "nowhere"), "SELECT 1"])
     assert result.exit_code == 2 and "not a specsearch store" in result.output
     with pytest.raises(SpecsearchError, match="--format"):
-        sql_cli(store, "SELECT 1", fmt="xml")
+        emit_relation(connect(store).sql("SELECT 1"), fmt="xml", output=tmp_path / "x.xml")
+    result = runner.invoke(app, ["sql", "--store", str(store.root), "SELECT 1", "--format", "xml"])
+    assert result.exit_code == 2 and "--format 'xml' must be one of" in result.output

@@ -10,16 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from specsearch.errors import SpecsearchError
-from specsearch.schema import REJECTS_SCHEMA, column_matrix, make_shard_table
-from specsearch.store import (
-    SUBDIRS,
-    Store,
-    atomic_path,
+from specsearch.files import atomic_path, file_sha256, write_parquet_atomic
+from specsearch.schema import (
+    REJECTS_SCHEMA,
     check_release,
-    file_sha256,
-    write_parquet_atomic,
+    column_matrix,
+    make_shard_table,
+    rejects_table,
 )
-from specsearch.surveys.shards import rejects_table
+from specsearch.store import SUBDIRS, Store
 
 
 def shard(n: int, release: str = "DR1", first_id: int = 1) -> pa.Table:

@@ -10,12 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from specsearch.embed import embed_store, read_embeddings
-from specsearch.inference import SpecCLIPRunner
-from specsearch.ingest import ingest
+from specsearch.files import write_parquet_atomic
 from specsearch.models.factory import load_model, read_card
+from specsearch.models.runner import SpecCLIPRunner
+from specsearch.pipeline.embed import embed_store
+from specsearch.pipeline.ingest import ingest
 from specsearch.splits import bucket
-from specsearch.store import write_parquet_atomic
+from specsearch.store import Store
 from specsearch.train.align import align
 from specsearch.train.finetune import finetune
 from specsearch.train.loop import STATE_FILE, TrainConfig, lr_at
@@ -84,10 +85,10 @@ def test_stages_chain_and_the_model_embeds(tmp_path, shards):
     runner = SpecCLIPRunner(tmp_path / "final", device="cpu")
     assert runner.labels_fitted
     store = tmp_path / "store"
-    ingest(shards, store, "DR1", progress=False)
-    summary = embed_store(store, model=str(tmp_path / "final"), device="cpu", progress=False)
-    assert "360 LRS and 400 XP" in summary  # every 10th synthetic star has no LRS
-    xp_rows = read_embeddings(store, "xp")
+    ingest(shards, store, "DR1", show_progress=False)
+    summary = embed_store(store, model=str(tmp_path / "final"), device="cpu", show_progress=False)
+    assert "360 LRS and 400 XP" in str(summary)  # every 10th synthetic star has no LRS
+    xp_rows = Store(store).embeddings("xp")
     teff = xp_rows.column("pred_teff").to_numpy()
     assert np.isfinite(teff).all() and 2000 < np.median(teff) < 10000
 

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from specsearch.errors import SpecsearchError
 from specsearch.grids import N_XP, XP_NORM_SLICE, XP_WAVELENGTH, xp_norm
-from specsearch.xp_emulator import (
+from specsearch.sim.xp_emulator import (
     DEFAULT_CONFIG,
     DEFAULT_WEIGHTS,
     XPEmulator,
@@ -37,7 +37,7 @@ def test_shipped_files_are_small_safetensors_and_json():
     tensors = load_file(str(DEFAULT_WEIGHTS))
     assert tensors["mlp.head.weight"].shape == (N_XP, 256)
     config = json.loads(DEFAULT_CONFIG.read_text())
-    assert "python -m specsearch.xp_emulator --train" in config["command"]
+    assert "python -m specsearch.sim.xp_emulator --train" in config["command"]
     assert config["split_counts"]["reserved_rows_excluded"] > 0  # the reserved rows were dropped
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpecsearchError
-from ..store import atomic_path
+from ..files import atomic_path
 from .clip import SpecCLIPModel
 from .configs import SpecCLIPConfig, config_to_dict, get_config, sub_config_from_dict
 from .specformer import SpecFormer, SpecFormerConfig

@@ -10,9 +10,7 @@ model for a given specsearch version. ``default`` is `DEFAULT_MODEL_ID`, the shi
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 from ..errors import SpecsearchError
@@ -108,40 +106,3 @@ def model_card(id_or_path: str | Path) -> dict:
         "kind": kind,
         "config": config_to_dict(config),
     }
-
-
-def list_models_cli() -> None:
-    """`specsearch models list`: a table of installed models."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    models = list_models()
-    if not models:
-        console.print(f"no models installed (shipped: {SHIPPED_DIR}, user: {user_models_dir()})")
-        return
-    table = Table()
-    table.add_column("id", no_wrap=True)  # kept whole: it is what users type
-    for name in ("source", "kind", "config", "variant", "dim", "description"):
-        table.add_column(name)
-    for m in models:
-        default = " (default)" if m["id"] == DEFAULT_MODEL_ID else ""
-        table.add_row(
-            m["id"] + default,
-            m["source"],
-            m["kind"],
-            str(m["config"]),
-            str(m["variant"] or "-"),
-            str(m["embed_dim"] or "-"),
-            m["description"],
-        )
-    console.print(table)
-    console.print(f"{len(models)} model(s)")
-
-
-def model_info_cli(model_id: str) -> None:
-    """`specsearch models info M`: the model's card as JSON."""
-    from rich.console import Console
-
-    card = model_card(model_id)
-    Console().print_json(json.dumps(card, default=str))

@@ -55,8 +55,7 @@ import pyarrow.compute as pc
 
 from ..errors import InputError, SpecsearchError
 from ..grids import N_XP, XP_WAVELENGTH
-from ..schema import REJECTS_SCHEMA, make_shard_table
-from ..store import check_release
+from ..schema import REJECTS_SCHEMA, check_release, make_shard_table
 
 N_XP_BASES = 55  # coefficients per band in Gaia DR3
 N_XP_CORRELATIONS = N_XP_BASES * (N_XP_BASES - 1) // 2  # 1485 stored correlations per band

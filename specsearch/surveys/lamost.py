@@ -59,8 +59,8 @@ from ..grids import (
     resample_lrs,
 )
 from ..pool import parallel_map
-from ..schema import SHARD_SCHEMA, make_shard_table
-from .shards import FILE_COLUMN, MIN_LRS_GOOD_FRACTION, ROW_COLUMN, rejects_table
+from ..schema import SHARD_SCHEMA, make_shard_table, rejects_table
+from .shards import FILE_COLUMN, MIN_LRS_GOOD_FRACTION, ROW_COLUMN
 
 OBSID_KEYS = ("OBSID",)
 DESIGNATION_KEYS = ("DESIGNAT", "DESIG", "DESIGNATION")

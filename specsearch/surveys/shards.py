@@ -24,9 +24,8 @@ or an ``InputError`` naming the file with ``on_error="raise"``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..grids import N_LRS, N_XP, clean_flux_ivar
-from ..schema import LABELS, REJECTS_SCHEMA, SHARD_SCHEMA, make_shard_table, validate_shard
+from ..schema import LABELS, SHARD_SCHEMA, make_shard_table, rejects_table, validate_shard
 
 # An LRS spectrum needs at least this fraction of the 1462 canonical pixels with ivar > 0.
 MIN_LRS_GOOD_FRACTION = 0.5
@@ -46,27 +45,6 @@ PROVENANCE_COLUMNS = (FILE_COLUMN, ROW_COLUMN)
 
 _PARQUET_MAGIC = b"PAR1"
 _LABEL_COLUMNS = tuple(name for label in LABELS for name in (label, f"{label}_err"))
-
-
-def rejects_table(release: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Build a REJECTS_SCHEMA table from dicts with keys file, row, source_id, obsid, reason.
-
-    Missing keys are null; ``release`` is filled in for every row.
-    """
-    rows = [
-        {
-            "release": release,
-            "file": r.get("file"),
-            "row": r.get("row"),
-            "source_id": r.get("source_id"),
-            "obsid": r.get("obsid"),
-            "reason": r["reason"],
-        }
-        for r in records
-    ]
-    return (
-        pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA) if rows else REJECTS_SCHEMA.empty_table()
-    )
 
 
 def _is_parquet(path: Path) -> bool:

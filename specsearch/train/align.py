@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from ..errors import SpecsearchError
 from ..models.factory import build_model, load_model, save_model
 from .data import load_arrays
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, quiet
 
 PAIR_INPUTS = ("lrs_z", "lrs_stats", "lrs_ivar", "xp_x", "xp_stats")
 
@@ -34,7 +32,7 @@ def align(
     cfg: TrainConfig | None = None,
     device: str = "auto",
     resume: bool = False,
-    log=print,
+    log=quiet,
 ) -> dict:
     """Align pre-trained encoders on the train split's pairs; writes a SpecCLIP model to ``out``."""
     cfg = cfg or TrainConfig()
@@ -60,24 +58,3 @@ def align(
         model, _align_loss, lambda m, d, c: save_model(m, d, {**card, **c}), out, cfg, device, log
     )
     return trainer.fit(train.tensors(PAIR_INPUTS), val.tensors(PAIR_INPUTS), resume=resume)
-
-
-def align_cli(
-    data: list[Path],
-    lrs_encoder: Path,
-    xp_encoder: Path,
-    out: Path,
-    variant: str,
-    config: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-    resume: bool,
-) -> None:
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=0.05)
-    result = align(
-        data, lrs_encoder, xp_encoder, out, variant, config, cfg, device, resume, log=typer.echo
-    )
-    typer.echo(f"align: best loss {result['best']:.4g} after {result['epochs']} epochs -> {out}")

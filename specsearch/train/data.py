@@ -12,13 +12,15 @@ import torch
 
 from ..errors import SpecsearchError
 from ..grids import N_LRS, N_XP
-from ..inference import lrs_inputs, xp_inputs
+from ..models.inputs import lrs_inputs, xp_inputs
 from ..schema import LABELS, column_matrix
 from ..splits import select_split
+from ..store import MANIFEST, Store
 
 
 def shard_files(paths: list[Path]) -> list[str]:
-    """Parquet shard files under each path (a file, a folder of shards, or a store)."""
+    """Parquet shard files under each path (a file, a folder of shards, or a store: the shard
+    files of every release its manifest lists)."""
     files: list[str] = []
     for path in map(Path, paths):
         if path.is_file():
@@ -26,8 +28,10 @@ def shard_files(paths: list[Path]) -> list[str]:
             continue
         if not path.exists():
             raise SpecsearchError(f"{path}: no such file or directory")
-        root = path / "shards" if (path / "manifest.json").exists() else path
-        found = sorted(p for p in root.rglob("part-*.parquet"))
+        if (path / MANIFEST).exists():
+            files += [str(p) for p in Store.open(path).shard_files()]
+            continue
+        found = sorted(p for p in path.rglob("part-*.parquet"))
         if not found:
             raise SpecsearchError(f"{path}: holds no canonical shards (part-*.parquet)")
         files += [str(p) for p in found]
@@ -68,7 +72,7 @@ class SpectraArrays:
 
 
 def arrays_from_table(table: pa.Table) -> SpectraArrays:
-    """Canonical rows -> model inputs, prepared exactly as `specsearch.inference` prepares them."""
+    """Canonical rows -> model inputs, prepared exactly as `specsearch.models.runner` prepares them."""
     n = table.num_rows
     names = table.column_names
     lrs_flux = (

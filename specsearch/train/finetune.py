@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import typer
 
 from ..errors import SpecsearchError
-from ..inference import choose_device
+from ..models.device import choose_device
 from ..models.factory import load_model, save_model
 from .data import SpectraArrays, load_arrays
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, quiet
 
 
 @torch.no_grad()
@@ -63,7 +62,7 @@ def finetune(
     modality: str = "both",
     cfg: TrainConfig | None = None,
     device: str = "auto",
-    log=print,
+    log=quiet,
 ) -> dict:
     """Train the label head(s) of ``modality`` ('lrs', 'xp' or 'both') and save the whole model to ``out``."""
     modalities = ("lrs", "xp") if modality == "both" else (modality,)
@@ -122,20 +121,3 @@ def finetune(
     }
     save_model(model, out, card)
     return results
-
-
-def finetune_cli(
-    model: Path,
-    data: list[Path],
-    out: Path,
-    modality: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-) -> None:
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=1e-4)
-    results = finetune(model, data, out, modality, cfg, device, log=typer.echo)
-    summary = ", ".join(f"{m}: best NLL {r['best']:.3f}" for m, r in results.items())
-    typer.echo(f"finetune: {summary} -> {out}")

@@ -20,12 +20,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpecsearchError
-from ..inference import choose_device
-from ..store import atomic_path, write_json_atomic
+from ..files import atomic_path, write_json_atomic
+from ..models.device import choose_device
 
 STATE_FILE = "train_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 METRICS_FILE = "metrics.jsonl"
+
+
+def quiet(message: str) -> None:
+    """The default log of the training stages: say nothing (the CLI passes its own)."""
 
 
 @dataclass
@@ -94,10 +98,10 @@ class Trainer:
         out: Path,
         cfg: TrainConfig,
         device: str = "auto",
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
     ):
         self.model, self.loss_fn, self.save_fn = model, loss_fn, save_fn
-        self.out, self.cfg, self.log = Path(out), cfg, log
+        self.out, self.cfg, self.log = Path(out), cfg, log or quiet
         self.device = choose_device(device)
         self.model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]

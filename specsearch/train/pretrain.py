@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import typer
-
 from ..errors import SpecsearchError
 from ..models.factory import build_model, save_model
 from .data import load_arrays
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, quiet
 
 INPUTS = {
     "lrs": ("lrs_z", "lrs_stats", "lrs_ivar"),
@@ -43,7 +40,7 @@ def pretrain(
     cfg: TrainConfig | None = None,
     device: str = "auto",
     resume: bool = False,
-    log=print,
+    log=quiet,
 ) -> dict:
     """Pre-train the ``modality`` encoder on the train split of ``data``; writes ``out`` (and ``out/best``)."""
     if modality not in KINDS:
@@ -72,23 +69,3 @@ def pretrain(
         log,
     )
     return trainer.fit(train.tensors(names), val.tensors(names), resume=resume)
-
-
-def pretrain_cli(
-    modality: str,
-    data: list[Path],
-    out: Path,
-    config: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-    resume: bool,
-) -> None:
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=0.1)
-    np.random.seed(seed)
-    result = pretrain(modality, data, out, config, cfg, device, resume, log=typer.echo)
-    typer.echo(
-        f"pretrain {modality}: best loss {result['best']:.4g} after {result['epochs']} epochs -> {out}"
-    )

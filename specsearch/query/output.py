@@ -1,7 +1,8 @@
-"""One way to print or write a result: table (rich), csv, json or parquet.
+"""One way to write a result: table (rich), csv, json or parquet, to a file or a text stream.
 
 `emit_relation` streams a DuckDB relation (the result of `specsearch sql`); `emit_table` sends an
-Arrow table (search results, labels) through the same code.
+Arrow table (search results, labels) through the same code. Nothing here writes to the terminal
+on its own: the caller passes the stream (the CLI passes stdout).
 """
 
 from __future__ import annotations
@@ -9,77 +10,78 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import SpecsearchError
-from .store import atomic_path
+from ..errors import SpecsearchError
+from ..files import atomic_path
 
 FORMATS = ("table", "csv", "json", "parquet")
 MAX_TABLE_ROWS = 1000
+"""Rows shown by the ``table`` format; the other formats write every row."""
 
 
 def emit_table(
     table: pa.Table,
     fmt: str = "table",
-    output: str | os.PathLike | None = None,
+    output: str | Path | None = None,
     title: str | None = None,
+    stream: TextIO | None = None,
 ) -> int:
-    """Print ``table`` to stdout, or write it to ``output``, in one of FORMATS. Returns rows."""
+    """Write ``table`` to ``output`` or ``stream`` in one of FORMATS. Returns rows."""
     con = duckdb.connect()
-    return emit_relation(con.from_arrow(table), fmt, output, title=title, summary=False)
+    return emit_relation(con.from_arrow(table), fmt, output, title=title, stream=stream)
 
 
 def emit_relation(
     relation: duckdb.DuckDBPyRelation,
     fmt: str = "table",
-    output: str | os.PathLike | None = None,
+    output: str | Path | None = None,
     title: str | None = None,
-    summary: bool = True,
+    stream: TextIO | None = None,
 ) -> int:
-    """Stream a relation out. table: rich table (first MAX_TABLE_ROWS rows); csv/json: stdout or
-    ``output``; parquet: ``output`` only. Files are written atomically. With ``summary`` a row
-    count follows (on stderr when the data itself went to stdout). Returns the number of rows.
-    """
+    """Stream a relation out, to the file ``output`` (written atomically) or else to the text
+    ``stream``. table: a rich table (first MAX_TABLE_ROWS rows); csv, json; parquet: files only.
+    Returns the number of rows."""
     if fmt not in FORMATS:
         raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
     if fmt == "parquet" and output is None:
         raise SpecsearchError("--format parquet needs --output FILE")
+    if output is None and stream is None:
+        raise SpecsearchError("emit: give an output file or a stream")
     try:
         if fmt == "table":
-            rows = _print_table(relation, output, title)
+            table, rows = rich_table(relation, title)
+            _print_rich(table, output, stream)
         elif fmt == "parquet":
             with atomic_path(Path(output)) as tmp:
                 relation.write_parquet(str(tmp), compression="zstd")
                 rows = pq.ParquetFile(tmp).metadata.num_rows
         elif fmt == "csv":
-            rows = _write_text(relation, output, _write_csv)
+            rows = _write_text(relation, output, stream, _write_csv)
         else:
-            rows = _write_text(relation, output, _write_json)
+            rows = _write_text(relation, output, stream, _write_json)
     except duckdb.Error as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise SpecsearchError(f"SQL: {lines[0].strip() if lines else type(err).__name__}") from None
-    if not summary:
-        return rows
-    text = f"{rows:,} row{'s' if rows != 1 else ''}" + (f" written to {output}" if output else "")
-    if fmt == "table" and output is None:
-        shown = f" (first {MAX_TABLE_ROWS:,} shown)" if rows > MAX_TABLE_ROWS else ""
-        print(text + shown)
-    elif output is not None:
-        print(text)
-    else:
-        print(text, file=sys.stderr)
     return rows
 
 
-def _write_text(relation, output, writer) -> int:
+def rows_summary(rows: int, output: str | Path | None = None, fmt: str = "table") -> str:
+    """The one-line summary after a result: rows, where they went, what the screen omitted."""
+    text = f"{rows:,} row{'s' if rows != 1 else ''}" + (f" written to {output}" if output else "")
+    if fmt == "table" and output is None and rows > MAX_TABLE_ROWS:
+        text += f" (first {MAX_TABLE_ROWS:,} shown)"
+    return text
+
+
+def _write_text(relation, output, stream, writer) -> int:
     if output is not None:
         with atomic_path(Path(output)) as tmp:
             return writer(relation, tmp)
@@ -87,8 +89,8 @@ def _write_text(relation, output, writer) -> int:
         tmp = Path(scratch) / "result"
         rows = writer(relation, tmp)
         with open(tmp, encoding="utf-8") as f:
-            shutil.copyfileobj(f, sys.stdout)
-    sys.stdout.flush()
+            shutil.copyfileobj(f, stream)
+    stream.flush()
     return rows
 
 
@@ -122,9 +124,9 @@ def _finite(value):
     return value
 
 
-def _print_table(relation, output, title: str | None = None) -> int:
+def rich_table(relation, title: str | None = None):
+    """(a rich Table of the relation's first MAX_TABLE_ROWS rows, the relation's row count)."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # cells are data, never rich markup
 
@@ -137,12 +139,23 @@ def _print_table(relation, output, title: str | None = None) -> int:
             if rows < MAX_TABLE_ROWS:
                 table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
             rows += 1
+    return table, rows
+
+
+def arrow_rich_table(table: pa.Table, title: str | None = None):
+    """A rich Table of an Arrow table (see ``rich_table``)."""
+    return rich_table(duckdb.connect().from_arrow(table), title)[0]
+
+
+def _print_rich(table, output, stream) -> None:
+    from rich.console import Console
+
     if output is None:
-        Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160).print(table)
+        width = None if getattr(stream, "isatty", lambda: False)() else 160
+        Console(file=stream, width=width).print(table)
     else:
         with atomic_path(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             Console(file=f, width=200).print(table)
-    return rows
 
 
 def _cell(value) -> str:

@@ -7,7 +7,7 @@ Inputs are the canonical shard arrays (`specsearch.schema`): ``lrs_flux`` (n, 14
 continuum-normalised with ``lrs_ivar`` (0 = bad pixel), ``xp_flux`` / ``xp_flux_error`` (n, 343)
 in W m^-2 nm^-1. A star whose row is all NaN (or whose LRS has no good pixel, or whose XP has no
 positive flux over 500-600 nm) lacks that modality: its outputs for it are NaN rows.
-Preprocessing is `specsearch.grids.lrs_model_input` / `xp_model_input`.
+Preprocessing is `specsearch.models.inputs` (the same code prepares training data).
 
 Outputs, all float32 numpy, in canonical units (see `run_batch`):
 - embeddings: L2-normalised vectors in the shared CLIP space (the shared part for ``split``);
@@ -24,8 +24,6 @@ The XP flux error is accepted for symmetry but not used by the current models.
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,11 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SpecsearchError
-from .grids import N_LRS, N_XP, lrs_model_input, xp_model_input, xp_norm
-from .models.clip import SpecCLIPModel
-from .models.factory import load_model
-from .models.registry import resolve_model
+from ..errors import SpecsearchError
+from ..grids import N_LRS, N_XP
+from .clip import SpecCLIPModel
+from .device import choose_device
+from .factory import load_model
+from .inputs import lrs_inputs, xp_inputs
+from .registry import resolve_model
 
 # each modality's outputs, its embedding first
 LRS_OUTPUTS = ("lrs_embedding", "lrs_recon", "xp_from_lrs", "xp_from_lrs_normalised")
@@ -52,61 +52,6 @@ OUTPUTS = (
     "xp_labels",
     "labels",
 )
-
-
-def choose_device(device: str = "auto") -> torch.device:
-    """The torch device for "auto", "cpu" or "cuda"; "auto" is CUDA when available, else CPU.
-
-    On CPU torch uses every core this process may use.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecsearchError("device 'cuda' requested but no CUDA device is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise SpecsearchError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
-    return torch.device(device)
-
-
-def _matrix(values, width: int, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float32)
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2 or array.shape[1] != width:
-        raise SpecsearchError(f"{name} has shape {array.shape}, expected (n, {width})")
-    return array
-
-
-def lrs_inputs(lrs_flux, lrs_ivar=None) -> dict[str, np.ndarray]:
-    """Canonical LRS arrays -> model inputs {z, stats, ivar (of the flux), present}, batched."""
-    flux = _matrix(lrs_flux, N_LRS, "lrs_flux")
-    finite = np.isfinite(flux)
-    if lrs_ivar is None:
-        ivar = finite.astype(np.float32)
-    else:
-        ivar = _matrix(lrs_ivar, N_LRS, "lrs_ivar")
-        if ivar.shape != flux.shape:
-            raise SpecsearchError(f"lrs_ivar has shape {ivar.shape} but lrs_flux {flux.shape}")
-        with np.errstate(invalid="ignore"):
-            ivar = np.where(finite & np.isfinite(ivar) & (ivar > 0), ivar, 0.0).astype(np.float32)
-    z, stats = lrs_model_input(np.where(finite, flux, 0.0), ivar)
-    return {"z": z, "stats": stats, "ivar": ivar, "present": (ivar > 0).any(axis=1)}
-
-
-def xp_inputs(xp_flux) -> dict[str, np.ndarray]:
-    """Canonical XP flux -> model inputs {x, stats, norm, present}, batched."""
-    flux = _matrix(xp_flux, N_XP, "xp_flux")
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-NaN row
-        norm = xp_norm(flux)
-        x, stats = xp_model_input(flux)
-    # a norm so close to 0 that flux / norm overflows is no usable spectrum either
-    present = np.isfinite(norm) & np.isfinite(x).all(axis=1) & (np.abs(x) < 1e30).all(axis=1)
-    x = np.where(present[:, None], x, 0.0).astype(np.float32)
-    return {"x": x, "stats": stats, "norm": norm.astype(np.float32), "present": present}
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -43,7 +43,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from scipy.special import erf
 
-from . import grids
+from .. import grids
 
 # --------------------------------------------------------------------------------------------
 # grids and instrument constants

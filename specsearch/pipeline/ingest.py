@@ -31,7 +31,7 @@ ingest writes byte-identical shard files. Everything goes through ``Store.write_
 (temporary files, then rename; manifest last).
 
 Memory. ``ingest`` never holds a release: reader batches are sorted by source_id into runs of
-about 128 MB spilled to a scratch folder inside the store (removed afterwards), and the runs are
+about 128 MB spilled to a scratch folder inside the store (``Store.scratch``, removed afterwards), and the runs are
 merged 4096 source_ids at a time straight into the shard files. Peak memory hardly grows with
 the release: about 1.0 GB at 20k stars and 1.1 GB at 200k, both modalities (see
 benchmarks/bench_ingest.py). What does grow is 16 bytes a star (source_id and reading order) and
@@ -47,15 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import itertools
 import os
 import shutil
-import tempfile
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -63,25 +62,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from .errors import InputError, SpecsearchError
-from .pool import parallel_map
-from .progress import bar as progress_bar
-from .schema import (
+from ..errors import InputError, SpecsearchError
+from ..files import ROWS_PER_FILE
+from ..pool import parallel_map
+from ..progress import bar as progress_bar
+from ..schema import (
     REJECTS_SCHEMA,
     SHARD_SCHEMA,
     TRUTH_SCHEMA,
+    check_release,
     column_matrix,
+    rejects_table,
     validate_shard,
 )
-from .store import Store, check_release
-from .surveys.lamost import looks_like_lamost_fits, read_lamost
-from .surveys.shards import (
+from ..store import Store
+from ..surveys.gaia_xp import looks_like_gaia_xp, read_gaia_xp
+from ..surveys.lamost import looks_like_lamost_fits, read_lamost
+from ..surveys.shards import (
     FILE_COLUMN,
     PROVENANCE_COLUMNS,
     ROW_COLUMN,
     looks_like_shards,
     read_shards,
-    rejects_table,
 )
 
 SNR_LRS = "_snr_lrs"
@@ -97,16 +99,6 @@ _READ_ERRORS = (SpecsearchError, OSError, ValueError, KeyError, EOFError, pa.Arr
 
 
 # ------------------------------------------------------------------ formats
-
-
-def _gaia_xp_module() -> ModuleType | None:
-    """The Gaia XP reader, or None where this installation does not have it yet."""
-    try:
-        return importlib.import_module("specsearch.surveys.gaia_xp")
-    except ModuleNotFoundError as err:
-        if err.name == "specsearch.surveys.gaia_xp":
-            return None
-        raise
 
 
 def _is_side_table(path: Path) -> bool:
@@ -128,8 +120,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return "lamost"
     if looks_like_shards(path):
         return "shards"
-    gaia_xp = _gaia_xp_module()
-    if gaia_xp is not None and gaia_xp.looks_like_gaia_xp(path):
+    if looks_like_gaia_xp(path):
         return "gaia_xp"
     if _is_side_table(path):
         return "side_table"
@@ -168,11 +159,11 @@ def _median_snr(snr: np.ndarray) -> np.ndarray:
     return out
 
 
-def _conform(table: pa.Table, release: str, file: str) -> pa.Table:
-    """A reader's batch -> contract columns (cast), extras, provenance and S/N columns."""
+def _conform(table: pa.Table, file: str) -> pa.Table:
+    """A reader's batch (its rows carry their release) -> contract columns (cast), extras,
+    provenance and S/N columns."""
     n = table.num_rows
-    table = table.drop_columns([c for c in ("release", SNR_LRS, SNR_XP) if c in table.column_names])
-    table = table.append_column("release", pa.array([release] * n, type=pa.string()))
+    table = table.drop_columns([c for c in (SNR_LRS, SNR_XP) if c in table.column_names])
     for field in SHARD_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(n, type=field.type))
@@ -245,8 +236,6 @@ def merge_by_source_id(rows: pa.Table, release: str) -> tuple[pa.Table, pa.Table
             continue
         if name == "source_id":
             columns[name] = pa.array(out_id, type=pa.int64())
-        elif name == "release":
-            columns[name] = pa.array([release] * len(out_id), type=pa.string())
         elif name in ("lrs_flux", "lrs_ivar"):
             columns[name] = lrs_rows.column(name)
         elif name in ("xp_flux", "xp_flux_error"):
@@ -443,7 +432,7 @@ def _read_all(
         strict=True,
     ):
         progress.advance(task, min(batch_size, len(lamost) - start))
-        runs.add(_conform(shards, release, ""), rejects)
+        runs.add(_conform(shards, ""), rejects)
     xp_files = [f for f, kind in zip(files, formats, strict=True) if kind == "gaia_xp"]
     with contextlib.ExitStack() as stack:
         xp_results = None
@@ -457,7 +446,7 @@ def _read_all(
                 for shards, rejects in read_shards(
                     file, release, rows_per_batch, on_error=on_error, provenance=True
                 ):
-                    runs.add(_conform(shards, release, str(file)), rejects)
+                    runs.add(_conform(shards, str(file)), rejects)
             elif kind == "gaia_xp":
                 if xp_results is not None:
                     batches, error = next(xp_results)
@@ -496,10 +485,8 @@ def _xp_batches(
     file: Path, release: str, rows_per_batch: int
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """One Gaia XP product as conformed batches (rows, rejects)."""
-    gaia_xp = _gaia_xp_module()
-    assert gaia_xp is not None  # detect_format only says "gaia_xp" when the module exists
-    for shards, rejects in gaia_xp.read_gaia_xp(file, release, rows_per_batch):
-        yield _conform(shards, release, str(file)), rejects
+    for shards, rejects in read_gaia_xp(file, release, rows_per_batch):
+        yield _conform(shards, str(file)), rejects
 
 
 def _xp_error(file: Path, err: BaseException) -> str:
@@ -517,16 +504,13 @@ def _read_xp_file(
         return [], _xp_error(file, err)
 
 
-def _tidy_rejects(rejects: list[pa.Table], release: str, names: dict[str, str]) -> pa.Table:
-    """One rejects table: release set, files named relative to the source, sorted by file, row."""
+def _tidy_rejects(rejects: list[pa.Table], names: dict[str, str]) -> pa.Table:
+    """One rejects table: files named relative to the source, sorted by file, row."""
     if not rejects:
         return REJECTS_SCHEMA.empty_table()
     table = pa.concat_tables([r.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA) for r in rejects])
     files = [names.get(f, f) if f is not None else None for f in table.column("file").to_pylist()]
     table = table.set_column(1, REJECTS_SCHEMA.field("file"), pa.array(files, type=pa.string()))
-    table = table.set_column(
-        0, REJECTS_SCHEMA.field("release"), pa.array([release] * len(files), pa.string())
-    )
     order = pc.sort_indices(
         table, sort_keys=[("file", "ascending", "at_start"), ("row", "ascending", "at_start")]
     )
@@ -567,7 +551,7 @@ def _merged_chunks(runs: _Runs, source: Path, release: str, bar: Progress) -> It
     row is left."""
     ids = runs.unique_ids()
     if not len(ids):
-        rejected = _tidy_rejects(runs.rejects, release, runs.names)
+        rejected = _tidy_rejects(runs.rejects, runs.names)
         first = ""
         if rejected.num_rows:
             first = f"; first: {rejected.column('file')[0]}: {rejected.column('reason')[0]}"
@@ -592,7 +576,7 @@ def read_source(
     *,
     batch_size: int = 256,
     rows_per_batch: int = 4096,
-    progress: bool = False,
+    show_progress: bool = False,
 ) -> tuple[pa.Table, pa.Table, list[str]]:
     """Read a file or folder into merged canonical rows in memory, without writing anything
     (query spectra; ``ingest`` streams instead).
@@ -601,10 +585,34 @@ def read_source(
     InputError for a bad single file or when no usable spectrum is left.
     """
     source = Path(source)
-    with progress_bar(progress) as bar:
+    with progress_bar(show_progress) as bar:
         runs, formats = _scan(source, release, batch_size, rows_per_batch, bar, None)
         chunks = list(_merged_chunks(runs, source, release, bar))
-    return pa.concat_tables(chunks), _tidy_rejects(runs.rejects, release, runs.names), formats
+    return pa.concat_tables(chunks), _tidy_rejects(runs.rejects, runs.names), formats
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest wrote: stars per modality, files read, rejects, where, how long."""
+
+    release: str
+    stars: int
+    lrs: int
+    xp: int
+    both: int
+    files: int
+    rejected: int
+    side_tables: int
+    shard_dir: Path
+    seconds: float
+
+    def __str__(self) -> str:
+        skipped = f", {self.side_tables} side tables skipped" if self.side_tables else ""
+        return (
+            f"ingested {self.release}: {self.stars} stars ({self.lrs} LRS, {self.xp} XP, "
+            f"{self.both} both) from {self.files} files, {self.rejected} rejected{skipped} "
+            f"-> {self.shard_dir}"
+        )
 
 
 def ingest(
@@ -614,30 +622,26 @@ def ingest(
     *,
     batch_size: int = 256,
     rows_per_batch: int = 4096,
-    rows_per_file: int = 50_000,
+    rows_per_file: int = ROWS_PER_FILE,
     workers: int | None = None,
-    progress: bool = True,
-) -> str:
+    show_progress: bool = True,
+) -> IngestResult:
     """Ingest ``source`` (a file or a folder) as release ``release`` of ``store``.
 
     Memory stays bounded whatever the size of the release: reader batches are sorted by
-    source_id and spilled to a temporary folder inside the store, then merged slice by slice
+    source_id and spilled to a scratch folder inside the store, then merged slice by slice
     straight into the shard files (see read_source for the rules).
     batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables;
     rows_per_file: stars per shard file; workers: processes reading LAMOST and Gaia XP files
-    (default one per core; one LAMOST batch or one XP file is read in this process). Returns a
-    one-line summary.
+    (default one per core; one LAMOST batch or one XP file is read in this process).
     Raises InputError for a bad single file or an empty release (the store is then left as it
-    was).
+    was; a store this call created is removed).
     """
+    start = time.perf_counter()
     source = Path(source)
     check_release(release)
     root = store.root if isinstance(store, Store) else Path(store)
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".ingest-{release}-*"):  # left by a killed ingest of this release
-        shutil.rmtree(stale, ignore_errors=True)
-    spill_dir = Path(tempfile.mkdtemp(prefix=f".ingest-{release}-", dir=root))
     counts = np.zeros(3, dtype=np.int64)  # stars with an LRS, an XP, both
 
     def counted(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
@@ -648,7 +652,8 @@ def ingest(
             yield merged
 
     try:
-        with progress_bar(progress) as bar:
+        store = store if isinstance(store, Store) else Store(root)
+        with progress_bar(show_progress) as bar, store.scratch("ingest", release) as spill_dir:
             runs, formats = _scan(
                 source,
                 release,
@@ -660,11 +665,10 @@ def ingest(
             )
             chunks = _merged_chunks(runs, source, release, bar)
             first = next(chunks)  # an empty release raises here, before the store is written
-            store = store if isinstance(store, Store) else Store(root)
             entry = store.write_release(
                 release,
                 counted(itertools.chain([first], chunks)),
-                rejects=lambda: _tidy_rejects(runs.rejects, release, runs.names),
+                rejects=lambda: _tidy_rejects(runs.rejects, runs.names),
                 sources=[str(source.resolve())],
                 rows_per_file=rows_per_file,
             )
@@ -672,13 +676,16 @@ def ingest(
         if created:  # a failed first ingest leaves no half-made store behind
             shutil.rmtree(root, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
     skipped = sum(kind == "side_table" for kind in formats)
-    return (
-        f"ingested {release}: {entry['rows']} stars ({counts[0]} LRS, {counts[1]} XP, "
-        f"{counts[2]} both) from {len(formats) - skipped} files, "
-        f"{entry['rejects']} rejected"
-        + (f", {skipped} side tables skipped" if skipped else "")
-        + f" -> {store.shard_dir(release)}"
+    return IngestResult(
+        release=release,
+        stars=entry["rows"],
+        lrs=int(counts[0]),
+        xp=int(counts[1]),
+        both=int(counts[2]),
+        files=len(formats) - skipped,
+        rejected=entry["rejects"],
+        side_tables=skipped,
+        shard_dir=store.shard_dir(release),
+        seconds=time.perf_counter() - start,
     )

@@ -1,26 +1,26 @@
 """DuckDB over the store: the store's Parquet as SQL views, plus any catalog attached by name.
 
 Views (all always exist, so a query never fails only because a stage has not run yet; a view
-over files that do not exist yet is empty, with the contract's key columns):
+over files that do not exist yet is empty, with the contract's key columns). The plain views hold
+each star's *current* row (its latest release, see ``specsearch.store``); the ``*_history``
+views hold every row of every release, for history and diffs:
 
-``shards``
-    canonical rows of every release (the ``STORE/shards/release=*/`` files the manifest lists),
-    without the spectrum arrays (``lrs_flux``, ``lrs_ivar``, ``xp_flux``, ``xp_flux_error``)
-    unless ``with_arrays``; array-free queries then read no array bytes.
-``embeddings``
-    ``STORE/embeddings/release=*/modality=*/part-*.parquet`` with ``release`` and ``modality``
-    from the folder names; ``embedding`` is a ``FLOAT[d]`` array, ready for
-    ``array_cosine_similarity``.
-``scores``
-    every Parquet file under ``STORE/scores`` except ``neighbors*.parquet`` (hive folders become
-    columns). Empty: (source_id, release).
+``shards`` / ``shards_history``
+    canonical rows (the shard files the manifest lists), without the spectrum arrays
+    (``lrs_flux``, ``lrs_ivar``, ``xp_flux``, ``xp_flux_error``) unless ``with_arrays``;
+    array-free queries then read no array bytes.
+``embeddings`` / ``embeddings_history``
+    one row per star and modality with ``release`` and ``modality``; ``embedding`` is a
+    ``FLOAT[d]`` array, ready for ``array_cosine_similarity``.
+``scores`` / ``scores_history``
+    anomaly scores (``schema.SCORES_SCHEMA``). Empty: (source_id, release).
 ``neighbors``
-    ``STORE/scores/**/neighbors*.parquet``: (source_id, modality, rank, neighbor_id, similarity, ...).
+    the kNN graph of the latest scoring of each release (source_id, modality, rank,
+    neighbor_id, similarity, release).
 ``labels``
-    predicted labels carried in the embeddings (``pred_teff``, ``pred_logg``, ``pred_fe_h``,
-    ``pred_alpha_m`` and their ``_err``; unprefixed names are accepted too): source_id, release,
-    modality, model_id and those columns, for the rows that have a label. Empty until
-    embeddings with labels exist.
+    predicted labels carried in the current embeddings (``pred_teff``, ``pred_logg``,
+    ``pred_fe_h``, ``pred_alpha_m`` and their ``_err``): source_id, release, modality, model_id
+    and those columns, for the rows that have a label.
 
 ``attach={"gaia": "gaia.fits"}`` adds a view ``gaia``: Parquet (file or folder), CSV/TSV, JSON,
 FITS binary tables, ECSV and VOTable (the last three through astropy).
@@ -38,13 +38,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import SpecsearchError
-from .output import emit_relation
-from .schema import ARRAY_COLUMNS, LABELS, SHARD_SCHEMA
-from .store import Store
+from ..errors import SpecsearchError
+from ..schema import ARRAY_COLUMNS, LABELS, MODALITIES, SHARD_SCHEMA
+from ..store import Store
 
-VIEWS = ("shards", "embeddings", "scores", "neighbors", "labels")
-"""Rows shown by ``--format table``; the other formats write every row."""
+VIEWS = (
+    "shards",
+    "shards_history",
+    "embeddings",
+    "embeddings_history",
+    "scores",
+    "scores_history",
+    "neighbors",
+    "labels",
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_RE = re.compile(rf"^(pred_)?({'|'.join(LABELS)})(_err)?$")
@@ -67,23 +74,18 @@ def connect(
     with_arrays: bool = False,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views and the attached catalogs."""
-    store = store if isinstance(store, Store) else Store(store, create=False)
+    store = Store.open(store)
     con = duckdb.connect()
-    root = store.root
-    # the files the manifest lists: never a stray or stale shard (a missing one is an error)
-    _create_shards_view(con, store.shard_files() if store.releases() else [], with_arrays)
-    _create_embeddings_view(
-        con, sorted((root / "embeddings").glob("release=*/modality=*/part-*.parquet"))
-    )
-    score_files = [
-        p for p in sorted((root / "scores").rglob("*.parquet")) if not p.name.startswith(".")
-    ]
-    _create_parquet_view(
-        con, "scores", [p for p in score_files if not p.name.startswith("neighbors")]
-    )
-    _create_parquet_view(
-        con, "neighbors", [p for p in score_files if p.name.startswith("neighbors")]
-    )
+    releases = store.releases()
+    con.sql("CREATE TABLE _release_rank (release VARCHAR, _rank INTEGER)")
+    if releases:
+        ranks = [(release, rank) for rank, release in enumerate(releases)]
+        con.executemany("INSERT INTO _release_rank VALUES (?, ?)", ranks)
+    _create_shards_views(con, store.shard_files() if releases else [], with_arrays)
+    embedding_files = [p for m in MODALITIES for p in store.embedding_files(m)]
+    _create_embeddings_views(con, embedding_files)
+    _create_parquet_views(con, "scores", store.score_files(), multi=len(releases) > 1)
+    _create_parquet_view(con, "neighbors", store.neighbor_files())
     _create_labels_view(con)
     for name, path in (attach or {}).items():
         attach_catalog(con, name, path)
@@ -98,7 +100,18 @@ def _file_list(files: list[Path]) -> str:
     return "[" + ", ".join(_quote_path(p) for p in files) + "]"
 
 
-def _create_shards_view(
+def _current_view(con: duckdb.DuckDBPyConnection, name: str, keys: str, multi: bool) -> None:
+    """View ``name``: the rows of ``name_history`` that are current (latest release per key)."""
+    if not multi:
+        con.sql(f"CREATE VIEW {name} AS SELECT * FROM {name}_history")
+        return
+    con.sql(
+        f"CREATE VIEW {name} AS SELECT h.* FROM {name}_history h JOIN _release_rank r "
+        f"USING (release) QUALIFY r._rank = max(r._rank) OVER (PARTITION BY {keys})"
+    )
+
+
+def _create_shards_views(
     con: duckdb.DuckDBPyConnection, files: list[Path], with_arrays: bool
 ) -> None:
     if files:
@@ -113,12 +126,15 @@ def _create_shards_view(
         present = set(SHARD_SCHEMA.names)
     arrays = [c for c in ARRAY_COLUMNS if c in present]
     exclude = f" EXCLUDE ({', '.join(arrays)})" if arrays and not with_arrays else ""
-    con.sql(f"CREATE VIEW shards AS SELECT *{exclude} FROM {source}")
+    con.sql(f"CREATE VIEW shards_history AS SELECT *{exclude} FROM {source}")
+    multi = len({p.parent for p in files}) > 1
+    _current_view(con, "shards", "h.source_id", multi)
 
 
-def _create_embeddings_view(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
+def _create_embeddings_views(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
     if not files:
-        con.sql(f"CREATE VIEW embeddings AS {_EMPTY['embeddings']} WHERE false")
+        con.sql(f"CREATE VIEW embeddings_history AS {_EMPTY['embeddings']} WHERE false")
+        con.sql("CREATE VIEW embeddings AS SELECT * FROM embeddings_history")
         return
     source = f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = true)"
     dims = {_embedding_dim(p) for p in files}
@@ -128,7 +144,9 @@ def _create_embeddings_view(con: duckdb.DuckDBPyConnection, files: list[Path]) -
         if len(dims) == 1 and None not in dims
         else ""
     )
-    con.sql(f"CREATE VIEW embeddings AS SELECT *{cast} FROM {source}")
+    con.sql(f"CREATE VIEW embeddings_history AS SELECT *{cast} FROM {source}")
+    multi = len({p.parent.parent for p in files}) > 1
+    _current_view(con, "embeddings", "h.source_id, h.modality", multi)
 
 
 def _embedding_dim(path: Path) -> int | None:
@@ -139,14 +157,27 @@ def _embedding_dim(path: Path) -> int | None:
     return kind.list_size if pa.types.is_fixed_size_list(kind) else None
 
 
+def _parquet_source(files: list[Path]) -> str:
+    # score files carry their own `release` column
+    return f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = false)"
+
+
 def _create_parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[Path]) -> None:
     if files:
-        source = (
-            f"read_parquet({_file_list(files)}, union_by_name = true, hive_partitioning = true)"
-        )
-        con.sql(f"CREATE VIEW {name} AS SELECT * FROM {source}")
+        con.sql(f"CREATE VIEW {name} AS SELECT * FROM {_parquet_source(files)}")
     else:
         con.sql(f"CREATE VIEW {name} AS {_EMPTY[name]} WHERE false")
+
+
+def _create_parquet_views(
+    con: duckdb.DuckDBPyConnection, name: str, files: list[Path], multi: bool
+) -> None:
+    """``name_history`` over ``files`` and ``name``, its current rows."""
+    if files:
+        con.sql(f"CREATE VIEW {name}_history AS SELECT * FROM {_parquet_source(files)}")
+    else:
+        con.sql(f"CREATE VIEW {name}_history AS {_EMPTY[name]} WHERE false")
+    _current_view(con, name, "h.source_id", multi and bool(files))
 
 
 def _create_labels_view(con: duckdb.DuckDBPyConnection) -> None:
@@ -272,23 +303,3 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation |
 def _first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def sql_cli(
-    store: Store | str | os.PathLike,
-    query_text: str,
-    fmt: str = "table",
-    attach: list[str] | None = None,
-    output: str | os.PathLike | None = None,
-    with_arrays: bool = False,
-) -> None:
-    """``specsearch sql``: run a query over the store and print or write the result.
-
-    Output as `specsearch.output.emit_relation` writes it.
-    """
-    con = connect(store, parse_attach(attach or []), with_arrays=with_arrays)
-    relation = query(con, query_text)
-    if relation is None:
-        print("OK")
-        return
-    emit_relation(relation, fmt, output)
