@@ -307,8 +307,8 @@ def predict(
     output: OutputOpt = None,
 ) -> None:
     """Stellar labels (Teff, log g, \\[Fe/H], \\[alpha/M]) with uncertainties."""
-    from specsearch.pipeline.ingest import read_source
     from specsearch.query.predict import predict_store, predict_table
+    from specsearch.surveys.sources import read_source
 
     if (file is None) == (store is None):
         raise SpecsearchError("give a spectrum FILE or --store (not both)")
@@ -336,8 +336,8 @@ def translate(
     import numpy as np
     import pyarrow as pa
 
-    from specsearch.pipeline.ingest import read_source
     from specsearch.query.predict import rows_for, translate_rows
+    from specsearch.surveys.sources import read_source
 
     if (source_id is None) == (spectrum is None):
         raise SpecsearchError("give exactly one of --source-id (with --store) or --spectrum")

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 from specsearch.cli.app import app
 from specsearch.errors import InputError
 from specsearch.grids import N_LRS, N_XP, XP_WAVELENGTH
-from specsearch.pipeline.ingest import detect_format, ingest, median_snr_lrs, median_snr_xp
+from specsearch.pipeline.ingest import ingest
 from specsearch.schema import SHARD_SCHEMA, TRUTH_SCHEMA, column_matrix, make_shard_table
 from specsearch.store import Store
 from specsearch.surveys.lamost import write_lamost_fits
 from specsearch.surveys.shards import read_shards
+from specsearch.surveys.sources import detect_format, median_snr_lrs, median_snr_xp
 
 G1, G2, G3 = 1_000_000_000_000_001, 1_000_000_000_000_002, 1_000_000_000_000_003
 NATIVE = 10.0 ** (3.56815 + 1e-4 * np.arange(3909))
@@ -425,14 +426,14 @@ def random_shards(folder, rng, n_files=3, rows=40, pool=70):
 
 
 def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatch):
-    import specsearch.pipeline.ingest as ingest_module
+    import specsearch.surveys.sources as sources_module
 
     best = random_shards(tmp_path / "src", np.random.default_rng(5))
     ingest(tmp_path / "src", tmp_path / "memory", "DR1", rows_per_batch=16, show_progress=False)
     # every reader batch its own run, 4-row row groups, 7 source_ids merged at a time
-    monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
-    monkeypatch.setattr(ingest_module, "_RUN_ROW_GROUP", 4)
-    monkeypatch.setattr(ingest_module, "_MERGE_ROWS", 7)
+    monkeypatch.setattr(sources_module, "_RUN_BYTES", 1)
+    monkeypatch.setattr(sources_module, "_RUN_ROW_GROUP", 4)
+    monkeypatch.setattr(sources_module, "_MERGE_ROWS", 7)
     summary = ingest(
         tmp_path / "src",
         tmp_path / "spill",
@@ -465,7 +466,7 @@ def test_spilled_ingest_equals_in_memory_and_keeps_the_best(tmp_path, monkeypatc
 
 
 def test_xp_file_failing_part_way_adds_no_rows(tmp_path, monkeypatch):
-    import specsearch.pipeline.ingest as ingest_module
+    import specsearch.surveys.sources as sources_module
 
     src = tmp_path / "src"
     lamost(src / "spec-1.fits", {"OBSID": 101, "GAIA_SOURCE_ID": G1})
@@ -476,14 +477,14 @@ def test_xp_file_failing_part_way_adds_no_rows(tmp_path, monkeypatch):
         yield make_shard_table([G1, G2], release, xp_flux=xp_flux, xp_flux_error=xp_error), None
         raise ValueError("line 2: unexpected end of data")
 
-    real_detect = ingest_module.detect_format
+    real_detect = sources_module.detect_format
     monkeypatch.setattr(
-        ingest_module,
+        sources_module,
         "detect_format",
         lambda p: "gaia_xp" if p.name == "xp.csv" else real_detect(p),
     )
-    monkeypatch.setattr(ingest_module, "read_gaia_xp", fails_part_way)
-    monkeypatch.setattr(ingest_module, "_RUN_BYTES", 1)
+    monkeypatch.setattr(sources_module, "read_gaia_xp", fails_part_way)
+    monkeypatch.setattr(sources_module, "_RUN_BYTES", 1)
     summary = ingest(src, tmp_path / "s", "DR1", show_progress=False)
     assert str(summary).startswith(
         "ingested DR1: 1 stars (1 LRS, 0 XP, 0 both) from 2 files, 1 rejected"
@@ -502,9 +503,9 @@ def test_failed_first_ingest_leaves_no_store(tmp_path):
 
 @pytest.mark.parametrize("run_bytes", [1, 1 << 30])  # spilled runs, or one run in memory
 def test_files_disagreeing_on_a_column_type_is_one_line(tmp_path, monkeypatch, run_bytes):
-    import specsearch.pipeline.ingest as ingest_module
+    import specsearch.surveys.sources as sources_module
 
-    monkeypatch.setattr(ingest_module, "_RUN_BYTES", run_bytes)
+    monkeypatch.setattr(sources_module, "_RUN_BYTES", run_bytes)
     xp_flux, xp_error = xp_spectrum(1)
     (tmp_path / "src").mkdir()
     for name, value in (("a", pa.array([1.5])), ("b", pa.array(["text"]))):

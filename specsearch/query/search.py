@@ -40,7 +40,7 @@ def encode_spectrum_file(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a spectrum file with the ingest readers and encode it: (source_ids (n,), vectors (n, d))."""
     from ..models.runner import SpecCLIPRunner
-    from ..pipeline.ingest import read_source
+    from ..surveys.sources import read_source
 
     table = read_source(path)[0]
     present = ~table.column(f"{modality}_flux").is_null().to_numpy(zero_copy_only=False)
