@@ -242,9 +242,20 @@ def search(
 
 @app.command()
 @one_line_errors
-def score(store: StoreOpt, release: ReleaseOpt = None) -> None:
-    """Anomaly scores and the kNN graph."""
-    not_built("score", "anomaly scoring")
+def score(
+    store: StoreOpt,
+    release: Annotated[
+        str | None, typer.Option(help="Release to score (default: every release not scored).")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Release to calibrate on, the first time (default: the first)."),
+    ] = None,
+) -> None:
+    """Anomaly scores (components, combined score, explanation) and the kNN graph."""
+    from specsearch.pipeline.score import score_store
+
+    typer.echo(score_store(store, release=release, reference=reference))
 
 
 @app.command()

@@ -88,14 +88,17 @@ def rejects_table(release: str, records: Iterable[Mapping[str, Any]]) -> pa.Tabl
     )
 
 
-def embedding_schema(dim: int) -> pa.Schema:
+def embedding_schema(dim: int, feature_dim: int | None = None) -> pa.Schema:
     """Schema of the embedding files: one row per star and modality (the release is the
-    folder the file lies in)."""
+    folder the file lies in). ``features``: the model heads' whole output (float16, which moves
+    decoded spectra by under 0.002 sigma), from which the score stage decodes the predicted
+    spectra without running the encoders again."""
     fields = [
         pa.field("source_id", pa.int64(), nullable=False),
         pa.field("modality", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float16(), dim)),  # L2-normalised
+        pa.field("features", pa.list_(pa.float16(), feature_dim or dim)),
         pa.field("recon_chi2", pa.float32()),  # observed vs in-modal reconstruction
         pa.field("cross_chi2", pa.float32()),  # observed vs prediction from the other modality
         pa.field("n_good_pixels", pa.int32()),
@@ -120,6 +123,52 @@ NEIGHBORS_SCHEMA = pa.schema(
     ]
 )
 """The kNN graph the score stage writes: each star's nearest other stars in one modality."""
+
+SCORE_COMPONENTS = (
+    "recon_lrs",
+    "cross_lrs",
+    "knn_lrs",
+    "bad_lrs",
+    "recon_xp",
+    "cross_xp",
+    "knn_xp",
+    "knn_pair",
+    "align",
+    "labels",
+)
+"""The anomaly components (``specsearch.pipeline.score`` defines them)."""
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("release", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),  # -log10 p of the combined components
+        pa.field("p_value", pa.float64()),
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = strangest star of the release
+        pa.field("n_components", pa.int32(), nullable=False),
+        pa.field("driver", pa.string()),  # the component with the smallest p
+        pa.field("modality_tag", pa.string()),  # lrs_only, xp_only, both or pair
+        pa.field("windows", pa.string()),  # the strongest residual windows, named
+        pa.field("explanation", pa.string()),
+    ]
+    + [
+        field
+        for c in SCORE_COMPONENTS
+        for field in (pa.field(c, pa.float32()), pa.field(f"{c}_logp", pa.float32()))
+    ]
+    + [
+        pa.field(f"{c}_peak", pa.float32())
+        for c in ("recon_lrs", "cross_lrs", "recon_xp", "cross_xp")
+    ]
+    + [
+        pa.field("snr_lrs", pa.float32()),  # median S/N per pixel, for context
+        pa.field("snr_xp", pa.float32()),
+        pa.field("reference", pa.string()),  # the release the calibration was frozen on
+        pa.field("model_id", pa.string()),
+    ]
+)
+"""One row per star of a scored release; each component's raw statistic and its -log10 p
+against the frozen reference (``*_logp``), the window peaks of the residual components."""
 
 TRUTH_SCHEMA = pa.schema(
     [

@@ -403,6 +403,10 @@ class Store:
         """Where the score stage writes one file of a release (scores, neighbours)."""
         return self.root / "scores" / f"release={check_release(release)}" / name
 
+    def reference_dir(self) -> Path:
+        """Where the score stage freezes its calibration (floors, tail models, kNN indexes)."""
+        return self.root / "scores" / "reference"
+
     def record_scores(self, release: str, entry: dict[str, Any]) -> None:
         """Commit a release's score files (``entry["files"]``: {kind: file name}) and run facts."""
         self._check_known(release)

@@ -181,10 +181,10 @@ def test_search_by_spectrum_file_finds_the_star_itself(tmp_path, indexed_store, 
 
 
 def test_a_chunk_reads_exactly_its_rows_across_row_groups(tmp_path):
-    from specsearch.pipeline.embed import Chunk, _read_chunk
+    from specsearch.pipeline.embed import Chunk, read_chunk
 
     table = synthetic_shard(350, 2, "DR1")
     path = tmp_path / "part-00000.parquet"
     pq.write_table(table, path, row_group_size=100)
-    rows = _read_chunk(Chunk("DR1", str(path), "x", 150, 320))
+    rows = read_chunk(Chunk("DR1", str(path), "x", 150, 320))
     assert rows.column("source_id").to_pylist() == table.column("source_id").to_pylist()[150:320]

@@ -42,11 +42,14 @@ from .registry import resolve_model
 # each modality's outputs, its embedding first
 LRS_OUTPUTS = ("lrs_embedding", "lrs_recon", "xp_from_lrs", "xp_from_lrs_normalised")
 XP_OUTPUTS = ("xp_embedding", "xp_recon", "lrs_from_xp")
+SPECTRA = ("lrs_recon", "xp_from_lrs", "xp_from_lrs_normalised", "xp_recon", "lrs_from_xp")
 OUTPUTS = (
     "has_lrs",
     "has_xp",
     *LRS_OUTPUTS,
     *XP_OUTPUTS,
+    "lrs_features",
+    "xp_features",
     "align_cos",
     "lrs_labels",
     "xp_labels",
@@ -100,6 +103,11 @@ class SpecCLIPRunner:
         return self.model.embed_dim
 
     @property
+    def feature_dim(self) -> int:
+        """Width of the heads' output (``*_features``): embed_dim, or shared + private (split)."""
+        return self.model.config.clip.embed_dim
+
+    @property
     def variant(self) -> str:
         return self.model.variant
 
@@ -136,6 +144,8 @@ class SpecCLIPRunner:
         a ``base`` model, label heads not fitted):
         - has_lrs, has_xp (n,) bool: which stars have each modality;
         - lrs_embedding, xp_embedding (n, d) float32, L2-normalised;
+        - lrs_features, xp_features (n, f) float32: the heads' whole output, from which the
+          decoders and label heads work (``decode_features`` turns them back into spectra);
         - align_cos (n,): cosine between a star's two embeddings;
         - lrs_recon (n, 1462): continuum-normalised flux, the in-modal reconstruction
           un-z-scored with the star's own mean and std;
@@ -283,6 +293,8 @@ class SpecCLIPRunner:
         widths = {
             "lrs_embedding": self.embed_dim,
             "xp_embedding": self.embed_dim,
+            "lrs_features": self.feature_dim,
+            "xp_features": self.feature_dim,
             "align_cos": None,
         }
         widths |= {"lrs_recon": N_LRS, "lrs_from_xp": N_LRS, "xp_recon": N_XP}
@@ -313,7 +325,10 @@ class SpecCLIPRunner:
             labels_key = f"{modality}_labels"
             want_labels = labels_key in out and bool(model.label_heads[modality].fitted)
             want_spectra = self.has_decoders and bool(set(own[1:]) & set(out))
-            if inputs is None or not (own[0] in out or want_spectra or want_labels):
+            want_features = f"{modality}_features" in out
+            if inputs is None or not (
+                own[0] in out or want_spectra or want_labels or want_features
+            ):
                 continue
             idx = rows[inputs["present"][rows]]
             if not idx.size:
@@ -332,29 +347,81 @@ class SpecCLIPRunner:
                     decoded = model.decode(xp_features=features) if want_spectra else {}
                 labels = model.label_heads[modality].predict(features) if want_labels else None
             features = features.float()
-            spectra = {k: v.float() for k, v in decoded.items()}
-
             if own[0] in out:
                 out[own[0]][idx] = F.normalize(model.clip_part(features), dim=-1).cpu().numpy()
+            if f"{modality}_features" in out:
+                out[f"{modality}_features"][idx] = features.cpu().numpy()
             if labels is not None:
                 mean, sigma = (a.float().cpu().numpy() for a in labels)
                 for j, label in enumerate(self.labels):
                     out[labels_key][label][idx] = mean[:, j]
                     out[labels_key][f"{label}_err"][idx] = sigma[:, j]
-            if "lrs_recon" in spectra and "lrs_recon" in out:
-                # z -> continuum-normalised flux with the star's own mean and std
-                flux = stats[:, :1] + 10.0 ** stats[:, 1:2] * spectra["lrs_recon"]
-                out["lrs_recon"][idx] = flux.cpu().numpy()
-            if "xp_from_lrs" in spectra:
-                shape = spectra["xp_from_lrs"].cpu().numpy()
-                if "xp_from_lrs_normalised" in out:
-                    out["xp_from_lrs_normalised"][idx] = shape
-                if "xp_from_lrs" in out and xp is not None:
-                    out["xp_from_lrs"][idx] = shape * xp["norm"][idx, None]
-            if "xp_recon" in spectra and "xp_recon" in out:
-                out["xp_recon"][idx] = (spectra["xp_recon"] * 10.0 ** stats[:, :1]).cpu().numpy()
-            if "lrs_from_xp" in spectra and "lrs_from_xp" in out:
-                out["lrs_from_xp"][idx] = spectra["lrs_from_xp"].cpu().numpy()
+            spectra = {k: v.float() for k, v in decoded.items()}
+            self._store_spectra(spectra, stats, idx, xp, out)
+
+    def _store_spectra(self, spectra: dict, stats: torch.Tensor, idx, xp, out: dict) -> None:
+        """Decoder outputs of rows ``idx`` -> canonical units, into ``out`` (see run_batch).
+        ``stats`` are the rows' own model-input stats of the decoded modality."""
+        if "lrs_recon" in spectra and "lrs_recon" in out:
+            # z -> continuum-normalised flux with the star's own mean and std
+            flux = stats[:, :1] + 10.0 ** stats[:, 1:2] * spectra["lrs_recon"]
+            out["lrs_recon"][idx] = flux.cpu().numpy()
+        if "xp_from_lrs" in spectra:
+            shape = spectra["xp_from_lrs"].cpu().numpy()
+            if "xp_from_lrs_normalised" in out:
+                out["xp_from_lrs_normalised"][idx] = shape
+            if "xp_from_lrs" in out and xp is not None:
+                out["xp_from_lrs"][idx] = shape * xp["norm"][idx, None]
+        if "xp_recon" in spectra and "xp_recon" in out:
+            out["xp_recon"][idx] = (spectra["xp_recon"] * 10.0 ** stats[:, :1]).cpu().numpy()
+        if "lrs_from_xp" in spectra and "lrs_from_xp" in out:
+            out["lrs_from_xp"][idx] = spectra["lrs_from_xp"].cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_features(
+        self,
+        lrs_features: np.ndarray | None = None,
+        xp_features: np.ndarray | None = None,
+        lrs_flux: np.ndarray | None = None,
+        lrs_ivar: np.ndarray | None = None,
+        xp_flux: np.ndarray | None = None,
+        outputs: Iterable[str] = SPECTRA,
+    ) -> dict[str, np.ndarray]:
+        """The decoders' spectra, in run_batch's units, from stored ``*_features`` (n, f).
+
+        The observed spectra give what the units need: ``lrs_flux`` (+ ivar) the LRS stats that
+        undo the z-scoring of ``lrs_recon``, ``xp_flux`` the norm of ``xp_recon`` and
+        ``xp_from_lrs``. Rows whose features are NaN (the modality is missing) give NaN rows.
+        Run on the features ``run_batch`` returned, the spectra equal run_batch's own.
+        """
+        self._need_decoders()
+        wanted = set(outputs) & set(SPECTRA)
+        lrs = None if lrs_flux is None else lrs_inputs(lrs_flux, lrs_ivar)
+        xp = None if xp_flux is None else xp_inputs(xp_flux)
+        n = len(lrs_features if lrs_features is not None else xp_features)
+        out = self._allocate(n, wanted)
+        for modality, features, inputs in (("lrs", lrs_features, lrs), ("xp", xp_features, xp)):
+            if features is None:
+                continue
+            features = np.asarray(features, dtype=np.float32)
+            present = np.isfinite(features).all(axis=1)
+            for start in range(0, n, self.batch_size):
+                idx = np.flatnonzero(present[start : start + self.batch_size]) + start
+                if not idx.size:
+                    continue
+                tensor = torch.from_numpy(features[idx]).to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    decoded = self.model.decode(**{f"{modality}_features": tensor})
+                spectra = {k: v.float() for k, v in decoded.items()}
+                stats = None
+                if inputs is not None:
+                    stats = torch.from_numpy(inputs["stats"][idx]).to(self.device)
+                elif modality == "lrs":
+                    spectra.pop("lrs_recon")  # its units need the observed LRS
+                else:
+                    spectra.pop("xp_recon")  # its units need the observed XP
+                self._store_spectra(spectra, stats, idx, xp, out)
+        return out
 
     def _combine(self, out: dict) -> None:
         """The outputs that use both modalities: align_cos and the combined labels."""

@@ -38,11 +38,15 @@ from .residuals import chi2_per_pixel, xp_ivar
 CHUNK_ROWS = 2048
 _META_MODEL = b"specsearch.model_id"
 _META_SHARD = b"specsearch.shard_sha256"
+_META_FORMAT = b"specsearch.embedding_format"
+EMBEDDING_FORMAT = b"2"  # 2: with the heads' features (what the score stage decodes)
 
 # what the embed stage asks the model for, per batch (benchmarks/bench_embed.py times the same)
 EMBED_OUTPUTS = (
     "lrs_embedding",
     "xp_embedding",
+    "lrs_features",
+    "xp_features",
     "lrs_recon",
     "xp_recon",
     "lrs_from_xp",
@@ -97,12 +101,13 @@ def chunk_is_done(store: Store, chunk: Chunk, model_id: str) -> bool:
         if (
             meta.get(_META_MODEL) != model_id.encode()
             or meta.get(_META_SHARD) != chunk.shard_sha256.encode()
+            or meta.get(_META_FORMAT) != EMBEDDING_FORMAT
         ):
             return False
     return True
 
 
-def _read_chunk(chunk: Chunk) -> pa.Table:
+def read_chunk(chunk: Chunk) -> pa.Table:
     """The chunk's rows, reading only the row groups that hold them (memory stays per chunk)."""
     columns = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
     shard = pq.ParquetFile(chunk.shard_path)
@@ -147,19 +152,23 @@ def _modality_rows(
         "n_good_pixels": pa.array(n_good, pa.int32()),
         "align_cos": pa.array(align_cos[idx], pa.float32(), mask=np.isnan(align_cos[idx])),
     }
+    features = out[f"{modality}_features"][idx]
+    columns["features"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(features.astype(np.float16).ravel(), pa.float16()), features.shape[1]
+    )
     labels = out[f"{modality}_labels"]
     for label in LABELS:
         mean = np.asarray(labels[label][idx], dtype=np.float32)
         sigma = np.asarray(labels[f"{label}_err"][idx], dtype=np.float32)
         columns[f"pred_{label}"] = pa.array(mean, pa.float32())
         columns[f"pred_{label}_err"] = pa.array(sigma, pa.float32())
-    return pa.table(columns, schema=embedding_schema(dim))
+    return pa.table(columns, schema=embedding_schema(dim, features.shape[1]))
 
 
 def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> dict[str, int]:
     """Run the model over one chunk and write its files atomically. Returns rows per modality."""
     store = Store(store_root, create=False)
-    table = _read_chunk(chunk)
+    table = read_chunk(chunk)
     source_id = table.column("source_id").to_numpy()
     lrs_flux, lrs_ivar = column_matrix(table, "lrs_flux"), column_matrix(table, "lrs_ivar")
     xp_flux, xp_err = column_matrix(table, "xp_flux"), column_matrix(table, "xp_flux_error")
@@ -180,7 +189,11 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
         "xp_ivar": xp_ivar(xp_err),
     }
     counts = {}
-    metadata = {_META_MODEL: model_id.encode(), _META_SHARD: chunk.shard_sha256.encode()}
+    metadata = {
+        _META_MODEL: model_id.encode(),
+        _META_SHARD: chunk.shard_sha256.encode(),
+        _META_FORMAT: EMBEDDING_FORMAT,
+    }
     for modality, path in chunk_outputs(store, chunk).items():
         rows = _modality_rows(modality, source_id, present, out, observed, align_cos, model_id)
         rows = rows.replace_schema_metadata(metadata)

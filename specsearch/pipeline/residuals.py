@@ -1,8 +1,23 @@
-"""Residual statistics between observed and predicted spectra (used by embed and score)."""
+"""Residual statistics between observed and predicted spectra (used by embed and score).
+
+A residual in sigma is z = (observed - predicted) / sqrt(1/ivar + floor^2): the observational
+noise plus a per-pixel model-error floor learned on a reference release (``fit_floor``). Per
+star, ``residual_stats`` gives the mean z^2 over good pixels (broad mismatches) and the largest
+standardised chi^2 of a window of pixels at several widths (narrow features that a mean over the
+whole spectrum would average away), plus the strongest windows for the explanation.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+MEDIAN_CHI2_1 = 0.454936423119572
+"""The median of a chi-squared variable with one degree of freedom."""
+
+TOP_WINDOWS = 3
+"""Windows kept per star and comparison for the explanation."""
 
 
 def chi2_per_pixel(
@@ -18,6 +33,20 @@ def chi2_per_pixel(
     non-finite values are skipped. Returns (chi2 per good pixel (n,), number of good pixels (n,));
     a star with no good pixel gets NaN.
     """
+    z, good = residual_sigma(observed, ivar, predicted, model_floor)
+    n_good = good.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        chi2 = np.where(n_good > 0, (z * z).sum(axis=1) / np.maximum(n_good, 1), np.nan)
+    return chi2.astype(np.float32), n_good.astype(np.int32)
+
+
+def residual_sigma(
+    observed: np.ndarray,
+    ivar: np.ndarray,
+    predicted: np.ndarray,
+    model_floor: float | np.ndarray = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(z (n, m) float64 with 0 at bad pixels, good (n, m) bool): residuals in sigma."""
     observed = np.asarray(observed, dtype=np.float64)
     predicted = np.asarray(predicted, dtype=np.float64)
     ivar = np.asarray(ivar, dtype=np.float64)
@@ -25,11 +54,8 @@ def chi2_per_pixel(
     floor2 = np.asarray(model_floor, dtype=np.float64) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.where(good, 1.0 / np.where(good, ivar, 1.0) + floor2, 1.0)
-        terms = np.where(good, (observed - predicted) ** 2 / var, 0.0)
-    n_good = good.sum(axis=1)
-    with np.errstate(invalid="ignore"):
-        chi2 = np.where(n_good > 0, terms.sum(axis=1) / np.maximum(n_good, 1), np.nan)
-    return chi2.astype(np.float32), n_good.astype(np.int32)
+        z = np.where(good, (observed - predicted) / np.sqrt(var), 0.0)
+    return z, good
 
 
 def xp_ivar(xp_flux_error: np.ndarray) -> np.ndarray:
@@ -37,3 +63,153 @@ def xp_ivar(xp_flux_error: np.ndarray) -> np.ndarray:
     err = np.asarray(xp_flux_error, dtype=np.float64)
     ok = np.isfinite(err) & (err > 0)
     return np.where(ok, 1.0 / np.where(ok, err, 1.0) ** 2, 0.0)
+
+
+def fit_floor(
+    observed: np.ndarray, ivar: np.ndarray, predicted: np.ndarray, iterations: int = 48
+) -> np.ndarray:
+    """The per-pixel model-error floor (m,) that makes residuals unit-variance on a reference.
+
+    For each pixel, the smallest f >= 0 such that the median over stars of
+    (observed - predicted)^2 / (1/ivar + f^2) is the median of a chi^2 with one degree of
+    freedom: a median, so the few anomalies a reference holds do not set it. Pixels whose
+    residuals are already within their noise get 0. Bisection in log f, vectorised over pixels.
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    good = (ivar > 0) & np.isfinite(observed) & np.isfinite(predicted)
+    r2 = np.where(good, (observed - predicted) ** 2, np.nan)
+    noise = np.where(good, 1.0 / np.where(good, ivar, 1.0), np.nan)
+
+    def median_chi2(floor: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return np.nanmedian(r2 / (noise + floor[None, :] ** 2), axis=0)
+
+    m = observed.shape[1]
+    usable = good.sum(axis=0) >= 10
+    floor = np.zeros(m)
+    need = usable & (median_chi2(floor) > MEDIAN_CHI2_1)
+    if not need.any():
+        return floor
+    scale = np.sqrt(np.nanmedian(r2[:, need], axis=0) / MEDIAN_CHI2_1)
+    low, high = np.log(scale * 1e-6), np.log(scale)  # f = scale makes the median <= target
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        trial = np.zeros(m)
+        trial[need] = np.exp(middle)
+        above = median_chi2(trial)[need] > MEDIAN_CHI2_1
+        low = np.where(above, middle, low)
+        high = np.where(above, high, middle)
+    floor[need] = np.exp(high)
+    return floor
+
+
+@dataclass
+class ResidualStats:
+    """Per star statistics of one comparison (observed vs one prediction); NaN where unusable.
+
+    chi2: mean z^2 over good pixels. peak: the largest standardised window chi^2,
+    (sum z^2 - n) / sqrt(2 n), over every window of every width. windows: (n, TOP_WINDOWS) pixel
+    centres of the strongest windows at the explanation width (-1: none); window_sigma: their
+    standardised chi^2; window_mean: their mean signed z (> 0: more flux than predicted).
+    """
+
+    chi2: np.ndarray
+    peak: np.ndarray
+    n_good: np.ndarray
+    windows: np.ndarray
+    window_sigma: np.ndarray
+    window_mean: np.ndarray
+
+
+def residual_stats(
+    observed: np.ndarray,
+    ivar: np.ndarray,
+    predicted: np.ndarray,
+    floor: np.ndarray,
+    widths: tuple[int, ...],
+    explain_width: int,
+) -> ResidualStats:
+    """Mean, window-peak and strongest windows of z for a batch (see ResidualStats).
+
+    Windows of each width step by half a width; a window needs at least half its pixels good.
+    """
+    z, good = residual_sigma(observed, ivar, predicted, floor)
+    n, m = z.shape
+    n_good = good.sum(axis=1)
+    z2 = z * z
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi2 = np.where(n_good > 0, z2.sum(axis=1) / np.maximum(n_good, 1), np.nan)
+    peak = np.full(n, -np.inf)
+    sums = _window_sums(z2, good, z, widths)
+    for width, (s2, count, _) in sums.items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            standard = np.where(
+                count >= width / 2, (s2 - count) / np.sqrt(2 * np.maximum(count, 1)), -np.inf
+            )
+        peak = np.maximum(peak, standard.max(axis=1) if standard.shape[1] else peak)
+    peak = np.where(np.isfinite(peak) & (n_good > 0), peak, np.nan)
+    windows, sigma, mean = _top_windows(*sums[explain_width], explain_width)
+    return ResidualStats(
+        chi2.astype(np.float32),
+        peak.astype(np.float32),
+        n_good.astype(np.int32),
+        windows,
+        sigma,
+        mean,
+    )
+
+
+def _window_sums(
+    z2: np.ndarray, good: np.ndarray, z: np.ndarray, widths: tuple[int, ...]
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per width: (sum z^2, good pixels, sum z) of every window, (n, windows)."""
+    n, m = z2.shape
+    zeros = np.zeros((n, 1))
+    c2 = np.concatenate([zeros, np.cumsum(z2, axis=1)], axis=1)
+    cg = np.concatenate([zeros, np.cumsum(good, axis=1)], axis=1)
+    c1 = np.concatenate([zeros, np.cumsum(z, axis=1)], axis=1)
+    out = {}
+    for width in widths:
+        width = min(width, m)
+        starts = np.arange(0, m - width + 1, max(width // 2, 1))
+        stops = starts + width
+        out[width] = (
+            c2[:, stops] - c2[:, starts],
+            cg[:, stops] - cg[:, starts],
+            c1[:, stops] - c1[:, starts],
+        )
+    return out
+
+
+def _top_windows(
+    s2: np.ndarray, count: np.ndarray, s1: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The TOP_WINDOWS strongest non-overlapping windows per star: (centre pixel, standardised
+    chi^2, mean z), (n, TOP_WINDOWS); centre -1 where there are fewer."""
+    n, k = s2.shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        standard = np.where(
+            count >= width / 2, (s2 - count) / np.sqrt(2 * np.maximum(count, 1)), -np.inf
+        )
+        mean = np.where(count > 0, s1 / np.maximum(count, 1), np.nan)
+    step = max(width // 2, 1)
+    centres = np.full((n, TOP_WINDOWS), -1, dtype=np.int32)
+    sigma = np.full((n, TOP_WINDOWS), np.nan, dtype=np.float32)
+    signed = np.full((n, TOP_WINDOWS), np.nan, dtype=np.float32)
+    rows = np.arange(n)
+    work = standard.copy()
+    for j in range(TOP_WINDOWS):
+        if not k:
+            break
+        best = work.argmax(axis=1)
+        value = work[rows, best]
+        found = np.isfinite(value)
+        centres[found, j] = best[found] * step + width // 2
+        sigma[found, j] = value[found]
+        signed[found, j] = mean[rows, best][found]
+        for offset in (-1, 0, 1):  # neighbouring windows overlap this one: not again
+            column = np.clip(best + offset, 0, k - 1)
+            work[rows, column] = -np.inf
+    return centres, sigma, signed

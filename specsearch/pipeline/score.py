@@ -1,0 +1,872 @@
+"""The score stage: per-star anomaly components, calibrated against a frozen reference release,
+combined into one score with an explanation, plus the kNN graph.
+
+``score_store(store, release=None, reference=None)`` is the library twin of ``specsearch score``.
+
+Components (each where its inputs exist; ``COMPONENTS``):
+
+==============  =====  =========================================================================
+recon_lrs       lrs    observed LRS vs its in-modal reconstruction: mean z^2 and window peak
+cross_lrs       pair   observed LRS vs the LRS predicted from the star's XP: the same two
+knn_lrs         lrs    mean cosine distance to the 10 nearest reference stars (LRS embeddings)
+bad_lrs         lrs    fraction of LRS pixels flagged bad (ivar 0): what chi^2 cannot see
+recon_xp        xp     observed XP vs its reconstruction: mean z^2 and window peak
+cross_xp        pair   observed XP vs the XP predicted from the star's LRS: the same two
+knn_xp          xp     mean cosine distance to the 10 nearest reference stars (XP embeddings)
+knn_pair        pair   the same for the two embeddings side by side: is the pair of spectra rare?
+align           pair   1 - cos(z_lrs, z_xp): do the two spectra tell the same story?
+labels          pair   mean over Teff, log g, [Fe/H], [alpha/M] of ((LRS - XP) / sigma)^2
+==============  =====  =========================================================================
+
+z is the residual in sigma with the observational noise and a model-error floor per pixel
+learned on the reference (``residuals.fit_floor``); the window peak is the largest standardised
+chi^2 of a window of 8, 32 or 128 LRS pixels (5, 20 or 80 XP samples), so a narrow emission line
+is not averaged away by a good fit elsewhere.
+
+Calibration. The reference release (the first scored, or ``--reference``) is frozen on first
+use in ``STORE/scores/reference/``: the floors, each statistic's tail model
+(``calibration.TailModel``) and a FAISS index of its embeddings for the kNN components. Every
+statistic of every star becomes ``-log10 p``, p = the fraction of reference stars at least as
+strange (a generalised Pareto tail beyond them). A residual component's p combines its mean
+and its peak (``calibration.combine_logp``). The combined statistic is the sum of the
+components' -log10 p (Fisher's statistic; of the combinations the anomaly benchmark compared,
+the one that ranked best), and it is itself calibrated against the reference stars with the
+same spectra (both, LRS only, XP only): ``p_value`` is the fraction of reference stars whose
+components add up to at least as much, ``score`` = -log10 p_value.
+Nothing a star's score uses depends on the other stars of its release: adding stars to a
+release changes no other star's score, and scores are comparable from night to night.
+
+Explanation. ``driver``: the component with the smallest p. ``modality_tag``: which groups hold
+a component with p < 1e-3: ``lrs_only``, ``xp_only`` (one spectrum: more often instrumental),
+``both`` (more often astrophysical) or ``pair`` (each spectrum is fine alone, but they disagree:
+a mismatched pair, or a companion). ``windows``: the strongest residual windows of the most
+discrepant comparison, named by the nearest strong feature (``specsearch.lines``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import SpecsearchError
+from ..files import write_json_atomic, write_parquet_atomic
+from ..lines import nearest_feature, pixel_wavelength
+from ..progress import progress
+from ..schema import LABELS, MODALITIES, SCORE_COMPONENTS, SCORES_SCHEMA, column_matrix
+from ..store import Store
+from ..surveys.sources import median_snr_lrs, median_snr_xp
+from .calibration import TailModel, combine_logp
+from .embed import Chunk, chunk_outputs, plan_chunks, read_chunk
+from .residuals import TOP_WINDOWS, ResidualStats, fit_floor, residual_stats, xp_ivar
+
+COMPONENTS = SCORE_COMPONENTS
+GROUP = {
+    "recon_lrs": "lrs",
+    "knn_lrs": "lrs",
+    "bad_lrs": "lrs",
+    "recon_xp": "xp",
+    "knn_xp": "xp",
+    "knn_pair": "pair",
+    "cross_lrs": "pair",
+    "cross_xp": "pair",
+    "align": "pair",
+    "labels": "pair",
+}
+COMPARISONS = {  # component -> (observed modality, the prediction it is compared with)
+    "recon_lrs": ("lrs", "lrs_recon"),
+    "cross_lrs": ("lrs", "lrs_from_xp"),
+    "recon_xp": ("xp", "xp_recon"),
+    "cross_xp": ("xp", "xp_from_lrs"),
+}
+STATISTICS = (
+    *(name for c in COMPARISONS for name in (c, f"{c}_peak")),
+    "knn_lrs",
+    "knn_xp",
+    "knn_pair",
+    "bad_lrs",
+    "align",
+    "labels",
+)
+KNN_SPACES = ("lrs", "xp", "pair")
+"""The reference kNN indexes: each modality's embeddings, and both side by side."""
+PATTERNS = ("both", "lrs", "xp")
+"""Which spectra a star has: the combined statistic is calibrated separately for each."""
+WIDTHS = {"lrs": (8, 32, 128), "xp": (5, 20, 80)}
+EXPLAIN_WIDTH = {"lrs": 32, "xp": 20}
+KNN_K = 10
+FLOOR_STARS = 10_000
+"""Reference stars the model-error floors are fitted on (a regular subsample)."""
+SIGNIFICANT = 3.0
+"""-log10 p from which a component counts in the modality tag (p < 1e-3)."""
+HINTS = {
+    "lrs_only": "only the LRS is unusual: more often instrumental",
+    "xp_only": "only the XP is unusual: more often instrumental",
+    "both": "both spectra are unusual: more often astrophysical",
+    "pair": "each spectrum looks normal but they disagree: a mismatched pair or a companion",
+}
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FORMAT = 1
+
+
+# ------------------------------------------------------------------ reading a release
+
+
+@dataclass
+class Batch:
+    """The stars of one embed chunk: observed spectra, embedding rows and decoded spectra."""
+
+    source_id: np.ndarray
+    observed: dict[str, np.ndarray]  # lrs_flux, lrs_ivar, xp_flux, xp_ivar (n, m); NaN rows missing
+    has: dict[str, np.ndarray]  # modality -> (n,) bool: embedded
+    embedding: dict[str, np.ndarray]  # modality -> (n, d) float32 unit vectors, NaN rows missing
+    labels: dict[str, dict[str, np.ndarray]]  # modality -> pred_<label>[_err] -> (n,)
+    align_cos: np.ndarray
+    predicted: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _aligned(rows: pa.Table, source_id: np.ndarray, column: str) -> np.ndarray:
+    """A column of embedding rows placed at the positions of ``source_id`` (NaN elsewhere)."""
+    position = np.searchsorted(source_id, rows.column("source_id").to_numpy())
+    if column in ("embedding", "features"):
+        values = column_matrix(rows, column)
+        out = np.full((len(source_id), values.shape[1]), np.nan, np.float32)
+    else:
+        values = rows.column(column).to_numpy(zero_copy_only=False).astype(np.float32)
+        out = np.full(len(source_id), np.nan, np.float32)
+    out[position] = values
+    return out
+
+
+def _read_batch(store: Store, chunk: Chunk, runner: Any) -> Batch:
+    table = read_chunk(chunk)
+    source_id = table.column("source_id").to_numpy()
+    if len(source_id) > 1 and np.any(np.diff(source_id) <= 0):
+        raise SpecsearchError(f"{chunk.shard_path}: rows are not sorted by source_id")
+    observed = {
+        "lrs_flux": column_matrix(table, "lrs_flux"),
+        "lrs_ivar": column_matrix(table, "lrs_ivar"),
+        "xp_flux": column_matrix(table, "xp_flux"),
+        "xp_ivar": xp_ivar(column_matrix(table, "xp_flux_error")),
+    }
+    observed["xp_ivar"][~np.isfinite(observed["xp_flux"])] = 0.0
+    has, embedding, features, labels = {}, {}, {}, {}
+    for modality, path in chunk_outputs(store, chunk).items():
+        if not path.exists():
+            raise SpecsearchError(
+                f"{path}: missing; run 'specsearch embed --release {chunk.release}' first"
+            )
+        names = ["source_id", "embedding", "features", "align_cos"]
+        names += [f"pred_{label}{s}" for label in LABELS for s in ("", "_err")]
+        rows = pq.read_table(path, columns=names)
+        has[modality] = np.isin(source_id, rows.column("source_id").to_numpy())
+        embedding[modality] = _aligned(rows, source_id, "embedding")
+        norms = np.linalg.norm(embedding[modality], axis=1, keepdims=True)
+        embedding[modality] = embedding[modality] / np.where(norms > 0, norms, 1.0)
+        features[modality] = _aligned(rows, source_id, "features")
+        labels[modality] = {
+            name: _aligned(rows, source_id, f"pred_{name}")
+            for label in LABELS
+            for name in (label, f"{label}_err")
+        }
+        align = _aligned(rows, source_id, "align_cos")
+        if modality == "lrs":
+            align_cos = align
+    batch = Batch(source_id, observed, has, embedding, labels, align_cos)
+    batch.predicted = runner.decode_features(
+        lrs_features=features["lrs"],
+        xp_features=features["xp"],
+        lrs_flux=observed["lrs_flux"],
+        lrs_ivar=observed["lrs_ivar"],
+        xp_flux=observed["xp_flux"],
+        outputs=[prediction for _, prediction in COMPARISONS.values()],
+    )
+    return batch
+
+
+def _batches(
+    store: Store, release: str, runner: Any, show_progress: bool, what: str
+) -> Iterator[Batch]:
+    chunks = plan_chunks(store, release)
+    total = sum(c.stop - c.start for c in chunks)
+    with progress(what, total, show_progress, unit="stars") as advance:
+        for chunk in chunks:
+            yield _read_batch(store, chunk, runner)
+            advance(chunk.stop - chunk.start)
+
+
+# ------------------------------------------------------------------ statistics of a batch
+
+
+def _comparison(batch: Batch, component: str, floor: np.ndarray | None) -> ResidualStats | None:
+    modality, prediction = COMPARISONS[component]
+    other = "xp" if modality == "lrs" else "lrs"
+    usable = batch.has[modality] & (batch.has[other] if component.startswith("cross") else True)
+    if not usable.any():
+        return None
+    flux = batch.observed[f"{modality}_flux"]
+    ivar = np.where(usable[:, None], batch.observed[f"{modality}_ivar"], 0.0)
+    predicted = batch.predicted[prediction]
+    width = flux.shape[1]
+    return residual_stats(
+        flux,
+        ivar,
+        predicted,
+        np.zeros(width) if floor is None else floor,
+        WIDTHS[modality],
+        EXPLAIN_WIDTH[modality],
+    )
+
+
+def knn_vectors(
+    embedding: dict[str, np.ndarray], has: dict[str, np.ndarray], space: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that have the space, their unit vectors): a modality's embedding, or for "pair"
+    the two embeddings side by side (divided by sqrt 2)."""
+    if space == "pair":
+        rows = np.flatnonzero(has["lrs"] & has["xp"])
+        joint = np.hstack([embedding["lrs"][rows], embedding["xp"][rows]]) / np.sqrt(2.0)
+        return rows, joint.astype(np.float32)
+    rows = np.flatnonzero(has[space])
+    return rows, embedding[space][rows].astype(np.float32)
+
+
+def _knn_distance(reference: Reference, batch: Batch, space: str) -> np.ndarray:
+    """Mean cosine distance to the KNN_K nearest reference stars other than the star itself."""
+    from ..indexes import drop_self
+
+    out = np.full(len(batch.source_id), np.nan, np.float32)
+    rows, vectors = knn_vectors(batch.embedding, batch.has, space)
+    index = reference.knn_index(space)
+    if not rows.size or index is None:
+        return out
+    k = min(KNN_K, index.ntotal - 1)
+    if k < 1:
+        return out
+    queries = np.ascontiguousarray(vectors)
+    sims, ids = index.search(queries, k + 1)
+    ids, sims = drop_self(ids, batch.source_id[rows], k, similarities=sims)
+    sims = np.where(ids >= 0, sims, np.nan)
+    out[rows] = 1.0 - np.nanmean(sims, axis=1)
+    return out
+
+
+def _label_disagreement(batch: Batch) -> np.ndarray:
+    """Mean over labels known from both modalities of ((LRS - XP) / combined sigma)^2."""
+    terms = []
+    for label in LABELS:
+        lrs, xp = batch.labels["lrs"], batch.labels["xp"]
+        var = lrs[f"{label}_err"] ** 2 + xp[f"{label}_err"] ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            terms.append((lrs[label] - xp[label]) ** 2 / var)
+    terms = np.stack(terms, axis=1)
+    terms = np.where(np.isfinite(terms), terms, np.nan)
+    both = batch.has["lrs"] & batch.has["xp"] & np.isfinite(terms).any(axis=1)
+    out = np.full(len(batch.source_id), np.nan, np.float32)
+    if both.any():
+        out[both] = np.nanmean(terms[both], axis=1)
+    return out
+
+
+def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray]:
+    """Every raw statistic (STATISTICS) of a batch's stars, plus S/N and explanation windows."""
+    n = len(batch.source_id)
+    stats: dict[str, np.ndarray] = {}
+    for component in COMPARISONS:
+        result = _comparison(batch, component, reference.floors.get(component))
+        if result is None:
+            stats[component] = np.full(n, np.nan, np.float32)
+            stats[f"{component}_peak"] = np.full(n, np.nan, np.float32)
+            stats[f"{component}_windows"] = np.full((n, TOP_WINDOWS), -1, np.int32)
+            stats[f"{component}_window_sigma"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
+            stats[f"{component}_window_mean"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
+            continue
+        modality, _ = COMPARISONS[component]
+        other = "xp" if modality == "lrs" else "lrs"
+        usable = batch.has[modality] & (batch.has[other] if component.startswith("cross") else True)
+        stats[component] = np.where(usable, result.chi2, np.nan).astype(np.float32)
+        stats[f"{component}_peak"] = np.where(usable, result.peak, np.nan).astype(np.float32)
+        stats[f"{component}_windows"] = result.windows
+        stats[f"{component}_window_sigma"] = result.window_sigma
+        stats[f"{component}_window_mean"] = result.window_mean
+    for space in KNN_SPACES:
+        stats[f"knn_{space}"] = _knn_distance(reference, batch, space)
+    lrs_ivar = batch.observed["lrs_ivar"]
+    with np.errstate(invalid="ignore"):
+        bad = (~(np.nan_to_num(lrs_ivar) > 0)).mean(axis=1)
+    stats["bad_lrs"] = np.where(batch.has["lrs"], bad, np.nan).astype(np.float32)
+    stats["align"] = np.where(
+        batch.has["lrs"] & batch.has["xp"], 1.0 - batch.align_cos, np.nan
+    ).astype(np.float32)
+    stats["labels"] = _label_disagreement(batch)
+    observed = batch.observed
+    with np.errstate(all="ignore"):
+        snr_lrs = median_snr_lrs(observed["lrs_flux"], np.nan_to_num(lrs_ivar))
+        snr_xp = median_snr_xp(
+            observed["xp_flux"],
+            np.where(observed["xp_ivar"] > 0, 1.0 / np.sqrt(observed["xp_ivar"]), 0.0),
+        )
+    stats["snr_lrs"] = np.where(batch.has["lrs"], snr_lrs, np.nan).astype(np.float32)
+    stats["snr_xp"] = np.where(batch.has["xp"], snr_xp, np.nan).astype(np.float32)
+    return stats
+
+
+def combined_statistic(logp: dict[str, np.ndarray]) -> np.ndarray:
+    """Fisher's statistic in log10 units: the sum of the components' -log10 p (NaN: none)."""
+    matrix = np.stack([logp[c] for c in COMPONENTS], axis=1)
+    present = np.isfinite(matrix).any(axis=1)
+    return np.where(present, np.nansum(matrix, axis=1), np.nan)
+
+
+def fisher_logp(combined: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """-log10 p of Fisher's statistic for k independent components (chi^2 with 2k dof)."""
+    from scipy.stats import chi2
+
+    with np.errstate(divide="ignore"):
+        return -chi2.logsf(2.0 * np.log(10.0) * combined, 2 * np.maximum(k, 1)) / np.log(10.0)
+
+
+def spectra_pattern(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """ "both", "lrs" or "xp" per star: which spectra it has (from its S/N columns)."""
+    lrs, xp = np.isfinite(stats["snr_lrs"]), np.isfinite(stats["snr_xp"])
+    return np.where(lrs & xp, "both", np.where(lrs, "lrs", "xp"))
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+# ------------------------------------------------------------------ the frozen reference
+
+
+@dataclass
+class Reference:
+    """The frozen calibration: floors, tail models and the reference kNN indexes."""
+
+    release: str
+    model_id: str
+    floors: dict[str, np.ndarray]
+    tails: dict[str, TailModel | None]
+    n_stars: int
+    calibration_id: str = ""
+    created: str = ""
+    directory: Path | None = None
+    _indexes: dict[str, Any] = field(default_factory=dict)
+
+    def knn_index(self, modality: str):
+        found = self._indexes.get(modality)
+        return None if found is None else found[0]
+
+    def score(self, stats: dict[str, np.ndarray], logp: dict[str, np.ndarray]) -> np.ndarray:
+        """-log10 p of the combined statistic, against reference stars of the same pattern."""
+        combined = combined_statistic(logp)
+        pattern = spectra_pattern(stats)
+        out = np.full(len(combined), np.nan)
+        for name in PATTERNS:
+            rows = (pattern == name) & np.isfinite(combined)
+            tail = self.tails.get(f"combined_{name}")
+            if not rows.any():
+                continue
+            if tail is None:  # too few such reference stars: Fisher's chi^2 law, as if independent
+                k = np.isfinite(np.stack([logp[c] for c in COMPONENTS], axis=1)[rows]).sum(axis=1)
+                out[rows] = fisher_logp(combined[rows], k)
+            else:
+                out[rows] = tail.logp(combined[rows])
+        return out
+
+    def logp(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """-log10 p of every statistic and component (see the module doc)."""
+        sub = {}
+        for name in STATISTICS:
+            tail = self.tails.get(name)
+            values = stats[name].astype(np.float64)
+            sub[name] = np.full(len(values), np.nan) if tail is None else tail.logp(values)
+        out = {}
+        for component in COMPONENTS:
+            if component in COMPARISONS:
+                pair = np.stack([sub[component], sub[f"{component}_peak"]], axis=1)
+                out[component] = combine_logp(pair)
+            else:
+                out[component] = sub[component]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "format": CALIBRATION_FORMAT,
+            "calibration_id": self.calibration_id,
+            "release": self.release,
+            "model_id": self.model_id,
+            "created": self.created,
+            "n_stars": self.n_stars,
+            "knn_k": KNN_K,
+            "widths": {m: list(w) for m, w in WIDTHS.items()},
+            "floors": {c: [float(v) for v in f] for c, f in self.floors.items()},
+            "tails": {name: (t.to_dict() if t else None) for name, t in self.tails.items()},
+            "knn_indexes": sorted(self._indexes),
+            "combination": "sum of component -log10 p, calibrated per spectra pattern",
+        }
+
+    def save(self, directory: Path) -> None:
+        from ..indexes.io import save_index
+
+        for modality, (index, params) in self._indexes.items():
+            save_index(index, {**params, "role": "reference kNN"}, directory, modality)
+        write_json_atomic(self.to_dict(), directory / CALIBRATION_FILE)
+        self.directory = directory
+
+    @classmethod
+    def load(cls, directory: Path) -> Reference:
+        from ..indexes.io import load_index
+
+        path = directory / CALIBRATION_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SpecsearchError(f"{path}: unreadable calibration ({err})") from None
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise SpecsearchError(f"{path}: calibration format {data.get('format')} unknown")
+        reference = cls(
+            release=data["release"],
+            model_id=data["model_id"],
+            floors={c: np.asarray(f) for c, f in data["floors"].items()},
+            tails={name: TailModel.from_dict(t) for name, t in data["tails"].items()},
+            n_stars=data["n_stars"],
+            calibration_id=data["calibration_id"],
+            created=data["created"],
+            directory=directory,
+        )
+        for modality in data.get("knn_indexes", []):
+            reference._indexes[modality] = load_index(directory, modality)
+        return reference
+
+
+def _release_embeddings(
+    store: Store, release: str
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A release's rows of both modalities on one list of source_ids: (ids, unit vectors per
+    modality with NaN rows where missing, which stars have each modality)."""
+    tables = {
+        m: store.embeddings(m, release=release, columns=["source_id", "embedding"])
+        for m in store.embedding_modalities()
+    }
+    ids = np.unique(np.concatenate([t.column("source_id").to_numpy() for t in tables.values()]))
+    embedding, has = {}, {}
+    for modality in MODALITIES:
+        has[modality] = np.zeros(len(ids), bool)
+        embedding[modality] = np.full((len(ids), 1), np.nan, np.float32)
+        table = tables.get(modality)
+        if table is None or table.num_rows == 0:
+            continue
+        vectors = column_matrix(table, "embedding")
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        position = np.searchsorted(ids, table.column("source_id").to_numpy())
+        embedding[modality] = np.full((len(ids), vectors.shape[1]), np.nan, np.float32)
+        embedding[modality][position] = vectors
+        has[modality][position] = True
+    return ids, embedding, has
+
+
+def _floor_sample(n_rows: int) -> int:
+    """Every how many stars one goes into the floor fit."""
+    return max(1, -(-n_rows // FLOOR_STARS))
+
+
+def fit_reference(
+    store: Store, release: str, runner: Any, show_progress: bool = True
+) -> tuple[Reference, dict[str, np.ndarray], np.ndarray]:
+    """Fit the calibration on ``release`` (not yet saved). Returns (reference, the reference
+    stars' statistics, their source_ids): scoring the reference itself reuses them."""
+    from ..indexes import build_index
+
+    reference = Reference(release, runner.model_id, {}, {}, 0)
+    # 1. the model-error floors, on a regular subsample of the reference's stars
+    every = _floor_sample(store.read_manifest()["releases"][release]["rows"])
+    sample: dict[str, list[tuple[np.ndarray, ...]]] = {c: [] for c in COMPARISONS}
+    position = 0
+    for batch in _batches(store, release, runner, show_progress, f"fitting floors on {release}"):
+        chosen = (np.arange(position, position + len(batch.source_id)) % every) == 0
+        position += len(batch.source_id)
+        for component, (modality, prediction) in COMPARISONS.items():
+            other = "xp" if modality == "lrs" else "lrs"
+            keep = chosen & batch.has[modality]
+            if component.startswith("cross"):
+                keep &= batch.has[other]
+            sample[component].append(
+                (
+                    batch.observed[f"{modality}_flux"][keep],
+                    batch.observed[f"{modality}_ivar"][keep],
+                    batch.predicted[prediction][keep],
+                )
+            )
+    for component, parts in sample.items():
+        observed, ivar, predicted = (np.concatenate(p) for p in zip(*parts, strict=True))
+        if len(observed) >= 10:
+            reference.floors[component] = fit_floor(observed, ivar, predicted)
+    del sample
+    # 2. the reference kNN indexes: the release's own rows
+    ids, embedding, has = _release_embeddings(store, release)
+    for space in KNN_SPACES:
+        rows, vectors = knn_vectors(embedding, has, space)
+        if len(rows) < 2:
+            continue
+        reference._indexes[space] = build_index(
+            vectors, ids[rows], show_progress=False, device="cpu"
+        )
+    del embedding
+    # 3. every statistic of every reference star, and its tail model
+    parts, ids = [], []
+    for batch in _batches(store, release, runner, show_progress, f"calibrating on {release}"):
+        parts.append(batch_statistics(batch, reference))
+        ids.append(batch.source_id)
+    stats = _concat(parts)
+    reference.tails = {name: TailModel.fit(stats[name]) for name in STATISTICS}
+    combined = combined_statistic(reference.logp(stats))
+    pattern = spectra_pattern(stats)
+    for name in PATTERNS:
+        reference.tails[f"combined_{name}"] = TailModel.fit(combined[pattern == name])
+    reference.n_stars = int(sum(len(i) for i in ids))
+    reference.created = _now()
+    reference.calibration_id = uuid.uuid4().hex
+    return reference, stats, np.concatenate(ids)
+
+
+# ------------------------------------------------------------------ scores and explanations
+
+
+def _tag(logp: dict[str, np.ndarray], driver: np.ndarray) -> np.ndarray:
+    significant = {
+        group: np.any(
+            [np.nan_to_num(logp[c]) >= SIGNIFICANT for c in COMPONENTS if GROUP[c] == group],
+            axis=0,
+        )
+        for group in ("lrs", "xp", "pair")
+    }
+    by_driver = np.array([GROUP[c] for c in COMPONENTS])[driver]
+    fallback = np.where(
+        by_driver == "lrs", "lrs_only", np.where(by_driver == "xp", "xp_only", "pair")
+    )
+    return np.where(
+        significant["lrs"] & significant["xp"],
+        "both",
+        np.where(
+            significant["lrs"],
+            "lrs_only",
+            np.where(significant["xp"], "xp_only", np.where(significant["pair"], "pair", fallback)),
+        ),
+    )
+
+
+def _windows_text(stats: dict[str, np.ndarray], logp: dict[str, np.ndarray]) -> list[str]:
+    """Per star, the strongest residual windows of its most discrepant comparison."""
+    comparisons = list(COMPARISONS)
+    matrix = np.stack([np.nan_to_num(logp[c], nan=-1.0) for c in comparisons], axis=1)
+    worst = matrix.argmax(axis=1)
+    n = len(worst)
+    texts = [""] * n
+    for j, component in enumerate(comparisons):
+        rows = np.flatnonzero((worst == j) & (matrix[:, j] >= 0))
+        if not rows.size:
+            continue
+        modality, _ = COMPARISONS[component]
+        centres = stats[f"{component}_windows"][rows]
+        sigma = stats[f"{component}_window_sigma"][rows]
+        mean = stats[f"{component}_window_mean"][rows]
+        waves = pixel_wavelength(modality, centres)
+        names = np.array(nearest_feature(modality, waves.ravel())).reshape(waves.shape)
+        unit, scale = ("A", 1.0) if modality == "lrs" else ("nm", 0.1)
+        for i, row in enumerate(rows):
+            items = [
+                f"{names[i, w]} {waves[i, w] * scale:.0f} {unit} "
+                f"({'+' if mean[i, w] > 0 else '-'}{sigma[i, w]:.0f})"
+                for w in range(TOP_WINDOWS)
+                if centres[i, w] >= 0 and np.isfinite(sigma[i, w]) and sigma[i, w] > 3.0
+            ]
+            if items:
+                texts[row] = f"{component}: " + "; ".join(items)
+    return texts
+
+
+def explain(
+    stats: dict[str, np.ndarray], logp: dict[str, np.ndarray], score: np.ndarray
+) -> dict[str, Any]:
+    """driver, modality_tag, windows and a one-sentence explanation per star."""
+    matrix = np.stack([np.nan_to_num(logp[c], nan=-1.0) for c in COMPONENTS], axis=1)
+    driver = matrix.argmax(axis=1)
+    tag = _tag(logp, driver)
+    windows = _windows_text(stats, logp)
+    names = np.array(COMPONENTS)
+    order = np.argsort(-matrix, axis=1)
+    sentences = []
+    for i in range(len(driver)):
+        if not np.isfinite(score[i]):
+            sentences.append("no component could be computed")
+            continue
+        strong = [names[j] for j in order[i, :3] if matrix[i, j] >= SIGNIFICANT]
+        lead = ", ".join(f"{c} (p=1e-{matrix[i, COMPONENTS.index(c)]:.1f})" for c in strong)
+        if not lead:
+            sentences.append(f"nothing unusual (strongest: {names[driver[i]]})")
+            continue
+        text = f"{lead}; {tag[i]}: {HINTS[tag[i]]}"
+        if windows[i]:
+            text += f"; strongest residuals {windows[i]}"
+        sentences.append(text)
+    return {
+        "driver": names[driver].tolist(),
+        "modality_tag": tag.tolist(),
+        "windows": windows,
+        "explanation": sentences,
+    }
+
+
+def scores_table(
+    source_id: np.ndarray,
+    stats: dict[str, np.ndarray],
+    reference: Reference,
+    release: str,
+) -> pa.Table:
+    """The score rows of a release (SCORES_SCHEMA), sorted by source_id."""
+    logp = reference.logp(stats)
+    score = reference.score(stats, logp)
+    explained = explain(stats, logp, score)
+    order = np.lexsort((source_id, -np.nan_to_num(score, nan=-1.0)))
+    rank = np.empty(len(order), np.int32)
+    rank[order] = np.arange(1, len(order) + 1)
+    n = len(source_id)
+    columns: dict[str, Any] = {
+        "source_id": source_id,
+        "release": [release] * n,
+        "score": score.astype(np.float32),
+        "p_value": 10.0**-score,
+        "rank": rank,
+        "n_components": np.isfinite(np.stack([logp[c] for c in COMPONENTS], axis=1)).sum(axis=1),
+        **explained,
+    }
+    for component in COMPONENTS:
+        columns[component] = stats[component]
+        columns[f"{component}_logp"] = logp[component].astype(np.float32)
+    for component in COMPARISONS:
+        columns[f"{component}_peak"] = stats[f"{component}_peak"]
+    columns["snr_lrs"] = stats["snr_lrs"]
+    columns["snr_xp"] = stats["snr_xp"]
+    columns["reference"] = [reference.release] * n
+    columns["model_id"] = [reference.model_id] * n
+    arrays = {
+        f.name: pa.array(
+            columns[f.name],
+            f.type,
+            mask=_nan_mask(columns[f.name]) if pa.types.is_floating(f.type) else None,
+        )
+        for f in SCORES_SCHEMA
+    }
+    return pa.table(arrays, schema=SCORES_SCHEMA).sort_by("source_id")
+
+
+def _nan_mask(values) -> np.ndarray | None:
+    values = np.asarray(values, dtype=np.float64)
+    mask = np.isnan(values)
+    return mask if mask.any() else None
+
+
+# ------------------------------------------------------------------ the kNN graph
+
+
+def neighbor_table(store: Store, release: str, k: int = KNN_K) -> pa.Table:
+    """Each star of ``release``: its k nearest other stars in the store's index of each
+    modality (the current rows of every release), as NEIGHBORS_SCHEMA rows."""
+    from ..indexes import drop_self, load_store_index
+    from ..schema import NEIGHBORS_SCHEMA
+
+    parts = []
+    for modality in store.embedding_modalities():
+        rows = store.embeddings(modality, release=release, columns=["source_id", "embedding"])
+        if rows.num_rows == 0:
+            continue
+        index, params = load_store_index(store, modality)
+        if release not in params.get("releases", []):
+            raise SpecsearchError(
+                f"the {modality} index does not hold release {release}: run "
+                "'specsearch index build' (or 'specsearch nightly', which extends it)"
+            )
+        ids = rows.column("source_id").to_numpy()
+        vectors = column_matrix(rows, "embedding")
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        kk = min(k, index.ntotal - 1)
+        if kk < 1:
+            continue
+        sims, found = index.search(np.ascontiguousarray(vectors), kk + 1)
+        found, sims = drop_self(found, ids, kk, similarities=sims)
+        keep = found >= 0
+        q = np.repeat(ids, kk).reshape(-1, kk)
+        rank = np.tile(np.arange(1, kk + 1, dtype=np.int32), (len(ids), 1))
+        parts.append(
+            pa.table(
+                {
+                    "source_id": pa.array(q[keep], pa.int64()),
+                    "modality": pa.array([modality] * int(keep.sum()), pa.string()),
+                    "rank": pa.array(rank[keep], pa.int32()),
+                    "neighbor_id": pa.array(found[keep], pa.int64()),
+                    "similarity": pa.array(sims[keep], pa.float32()),
+                    "release": pa.array([release] * int(keep.sum()), pa.string()),
+                },
+                schema=NEIGHBORS_SCHEMA,
+            )
+        )
+    if not parts:
+        return NEIGHBORS_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by(
+        [("source_id", "ascending"), ("modality", "ascending"), ("rank", "ascending")]
+    )
+
+
+# ------------------------------------------------------------------ the stage
+
+
+@dataclass
+class ScoreResult:
+    """What one score run did, per release: stars scored and how many are above threshold."""
+
+    reference: str
+    calibrated: bool
+    releases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        if not self.releases:
+            return (
+                f"score: nothing to do ({', '.join(self.skipped) or 'no release'} already scored)"
+            )
+        parts = [
+            f"{r}: {e['stars']:,} stars, {e['above_threshold']} with score >= {e['threshold']:g}"
+            f" (top {e['top_score']:.1f})"
+            for r, e in self.releases.items()
+        ]
+        frozen = "calibrated on" if self.calibrated else "against reference"
+        return f"scored {'; '.join(parts)} ({frozen} {self.reference}, {self.seconds:.1f} s)"
+
+
+THRESHOLD = 4.0
+"""Default score (-log10 p) from which a star counts as an anomaly in summaries and reports."""
+
+
+def load_reference(store: Store) -> Reference | None:
+    """The store's frozen calibration, or None before the first score run."""
+    if not (store.reference_dir() / CALIBRATION_FILE).exists():
+        return None
+    return Reference.load(store.reference_dir())
+
+
+def _fingerprint(store: Store, release: str, reference: Reference) -> str:
+    parts = {
+        "calibration": reference.calibration_id,
+        "shards": {str(p.name): sha for p, sha in store.shard_checksums(release).items()},
+        "embeddings": {m: [p.name for p in store.embedding_files(m, release)] for m in MODALITIES},
+        "indexes": {
+            m: store.read_manifest().get("indexes", {}).get(m, {}).get("version")
+            for m in MODALITIES
+        },
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def score_store(
+    store: str | os.PathLike | Store,
+    release: str | None = None,
+    reference: str | None = None,
+    *,
+    model: str | None = None,
+    threshold: float = THRESHOLD,
+    show_progress: bool = True,
+) -> ScoreResult:
+    """Score ``release`` (default: every release not yet scored against the frozen reference).
+
+    The first run freezes the calibration on ``reference`` (default: the first release); a
+    later ``reference`` that differs from the frozen one is an error (the scores of different
+    releases would not be comparable). A release already scored from the same inputs is skipped.
+    """
+    from ..models.runner import SpecCLIPRunner
+
+    start = time.perf_counter()
+    st = Store.open(store)
+    releases = st.releases()
+    if not releases:
+        raise SpecsearchError(f"{st.root}: the store has no ingested release")
+    for name in [release, reference]:
+        if name is not None and name not in releases:
+            raise SpecsearchError(f"{st.root}: release {name} is not in the store")
+    model_id = st.embeddings_model()
+    if model_id is None:
+        raise SpecsearchError(f"{st.root}: no embeddings; run 'specsearch embed' first")
+    frozen = load_reference(st)
+    if frozen is not None and reference is not None and reference != frozen.release:
+        raise SpecsearchError(
+            f"{st.root}: scores are calibrated on release {frozen.release} (frozen "
+            f"{frozen.created}); a reference of {reference} would make them incomparable"
+        )
+    if frozen is not None and frozen.model_id != model_id:
+        raise SpecsearchError(
+            f"{st.root}: the calibration is of model {frozen.model_id}, the embeddings of "
+            f"{model_id}: re-embed with {frozen.model_id}"
+        )
+    runner = SpecCLIPRunner(model or model_id, device="auto")
+    result = ScoreResult(
+        reference=(frozen.release if frozen else reference or releases[0]), calibrated=False
+    )
+    reference_stats = None
+    if frozen is None:
+        ref_release = reference or releases[0]
+        frozen, stats, ids = fit_reference(st, ref_release, runner, show_progress)
+        frozen.save(st.reference_dir())
+        reference_stats = (ref_release, stats, ids)
+        result.calibrated = True
+    wanted = [release] if release else releases
+    for name in wanted:
+        fingerprint = _fingerprint(st, name, frozen)
+        entry = st.score_entry(name)
+        if entry and entry.get("fingerprint") == fingerprint:
+            result.skipped.append(name)
+            continue
+        if reference_stats is not None and reference_stats[0] == name:
+            stats, ids = reference_stats[1], reference_stats[2]
+        else:
+            parts, id_parts = [], []
+            for batch in _batches(st, name, runner, show_progress, f"scoring {name}"):
+                parts.append(batch_statistics(batch, frozen))
+                id_parts.append(batch.source_id)
+            stats, ids = _concat(parts), np.concatenate(id_parts)
+        table = scores_table(ids, stats, frozen, name)
+        graph = neighbor_table(st, name)
+        write_parquet_atomic(table, st.score_path(name, "scores.parquet"), row_group_size=65_536)
+        write_parquet_atomic(graph, st.score_path(name, "neighbors.parquet"), row_group_size=65_536)
+        scores = table.column("score").to_numpy(zero_copy_only=False)
+        entry = {
+            "files": {"scores": "scores.parquet", "neighbors": "neighbors.parquet"},
+            "reference": frozen.release,
+            "calibration_id": frozen.calibration_id,
+            "model_id": frozen.model_id,
+            "stars": table.num_rows,
+            "threshold": threshold,
+            "above_threshold": int(np.nansum(scores >= threshold)),
+            "top_score": float(np.nanmax(scores)) if len(scores) else 0.0,
+            "fingerprint": fingerprint,
+            "scored": _now(),
+        }
+        st.record_scores(name, entry)
+        result.releases[name] = entry
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
