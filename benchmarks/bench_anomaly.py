@@ -59,9 +59,15 @@ def build_store(work: Path, n: int, model: str) -> Path:
     for release, fraction in ((REFERENCE, 0.0), (NEW, 0.02)):
         sim = work / f"sim-{release}"
         if not (sim / "truth.parquet").exists():
-            print(simulate_release(sim, n=n, seed=SEEDS[release], release=release, anomaly_fraction=fraction))
+            print(
+                simulate_release(
+                    sim, n=n, seed=SEEDS[release], release=release, anomaly_fraction=fraction
+                )
+            )
         if not (store / "manifest.json").exists() or release not in Store(store).releases():
-            print(ingest(sim / "shards" / f"release={release}", store, release, show_progress=False))
+            print(
+                ingest(sim / "shards" / f"release={release}", store, release, show_progress=False)
+            )
     print(embed_store(store, model=model, show_progress=False))
     if "indexes" not in Store(store).read_manifest():
         print(build_store_indexes(store, show_progress=False))

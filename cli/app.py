@@ -264,21 +264,79 @@ def report(
     store: StoreOpt,
     release: Annotated[str, typer.Option(help="Release to report on.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    since: Annotated[str | None, typer.Option(help="Only stars new since this release.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Show the stars newly above threshold since this release.")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Top anomalies shown in detail.")] = 50,
+    threshold: Annotated[
+        float, typer.Option(help="Score (-log10 p) from which a star counts as an anomaly.")
+    ] = 4.0,
 ) -> None:
-    """HTML report with plots plus Parquet/CSV of the top anomalies."""
-    not_built("report", "anomaly report")
+    """Self-contained HTML report with plots plus Parquet/CSV of the top anomalies."""
+    from specsearch.pipeline.report import write_report
+
+    typer.echo(
+        write_report(
+            store,
+            release,
+            out,
+            since=since,
+            top=top,
+            threshold=threshold,
+            command=" ".join(["specsearch", *sys.argv[1:]]),
+        )
+    )
 
 
 @app.command()
-@one_line_errors
 def nightly(
-    source: Annotated[Path, typer.Argument(help="Folder of the new release's files.")],
+    source: Annotated[Path, typer.Argument(help="File or folder of the new release's files.")],
     store: StoreOpt,
     release: Annotated[str, typer.Option(help="Release name.")],
+    reference: Annotated[
+        str | None, typer.Option(help="Release to calibrate on, the first time.")
+    ] = None,
+    model: ModelOpt = "default",
+    top: Annotated[int, typer.Option(help="Top anomalies shown in the report.")] = 50,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a machine-readable summary (cron, monitoring).")
+    ] = False,
 ) -> None:
-    """Ingest + embed + index update + score + report; idempotent."""
-    not_built("nightly", "nightly anomaly reports")
+    """Ingest + embed + index update + score + report, idempotent. Exit 0 ok, 2 bad input,
+    1 otherwise."""
+
+    from specsearch.pipeline.nightly import nightly as run_nightly
+
+    try:
+        result = run_nightly(
+            source,
+            store,
+            release,
+            reference=reference,
+            model=model,
+            top=top,
+            show_progress=not json_output,
+        )
+    except SpecsearchError as err:
+        _nightly_failure(err, 2, json_output)
+    except KeyboardInterrupt:
+        _nightly_failure(KeyboardInterrupt("interrupted"), 130, json_output)
+    except Exception as err:  # the environment: disk, permissions, a bug; never a traceback
+        _nightly_failure(err, 1, json_output)
+    typer.echo(result.to_json() if json_output else str(result))
+
+
+def _nightly_failure(err: BaseException, code: int, json_output: bool) -> None:
+    import json
+
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if code == 1 and not isinstance(err, OSError):
+        message = f"{type(err).__name__}: {message}"
+    if json_output:
+        typer.echo(json.dumps({"status": "error", "exit": code, "message": message}))
+    else:
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -155,14 +155,16 @@ class Store:
         rejects: pa.Table | Callable[[], pa.Table] | None = None,
         sources: list[str] | None = None,
         rows_per_file: int = ROWS_PER_FILE,
+        source_fingerprint: str | None = None,
     ) -> dict[str, Any]:
         """Write one release's canonical shards (replacing any earlier write of that release).
 
         ``tables`` follow SHARD_SCHEMA, in order, and may be a generator: they are streamed into
         part files of ``rows_per_file`` rows (row groups of 4096, or each table's own size when
         smaller), so memory holds one table at a time. ``rejects`` may be a function, called once
-        ``tables`` is exhausted (a streaming writer learns of rejects as it goes). Returns the
-        manifest entry for the release.
+        ``tables`` is exhausted (a streaming writer learns of rejects as it goes).
+        ``source_fingerprint`` identifies the input files (``nightly`` skips a release ingested
+        from the same files). Returns the manifest entry for the release.
         """
         out_dir = self.shard_dir(release)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +204,7 @@ class Store:
             "rejects": rejects.num_rows,
             "files": {p.name: file_sha256(p) for p in files},
             "sources": sources or [],
+            "source_fingerprint": source_fingerprint,
             "ingested": _now(),
         }
         self._update_manifest("releases", release, entry)
@@ -436,6 +439,24 @@ class Store:
     def neighbor_files(self) -> list[Path]:
         """Committed kNN-graph files, oldest release first."""
         return self._score_files("neighbors")
+
+    # ------------------------------------------------------------------ reports
+
+    def report_dir(self, release: str) -> Path:
+        """Where ``nightly`` writes a release's report."""
+        return self.root / "reports" / f"release={check_release(release)}"
+
+    def record_report(self, release: str, entry: dict[str, Any]) -> None:
+        """Commit a release's report (its files and the inputs it was made from)."""
+        self._check_known(release)
+        self._update_manifest("reports", release, entry)
+
+    def report_entry(self, release: str) -> dict[str, Any] | None:
+        return self.read_manifest().get("reports", {}).get(release)
+
+    def release_entry(self, release: str) -> dict[str, Any] | None:
+        """The manifest entry of an ingested release (None: not in the store)."""
+        return self.read_manifest().get("releases", {}).get(release)
 
     # ------------------------------------------------------------------ indexes
 

@@ -2,8 +2,9 @@
 
 A statistic (larger = stranger) is calibrated by its distribution over the stars of a reference
 release: ``TailModel`` holds that distribution as 1,001 quantiles (the body) and a generalised
-Pareto fit to the top ``TAIL_FRACTION`` (the tail, peaks over a threshold), so a star beyond
-every reference star still gets a finite, ordered tail probability. Values are kept as
+Pareto tail extrapolated from the 80th-95th percentiles, so a star beyond every reference star
+still gets a finite, ordered tail probability, and the reference's own anomalies do not hide
+the next release's. Values are kept as
 ``-log10 p`` throughout (``logp``): p of a far outlier underflows float64, its logarithm does not.
 
 ``combine_logp`` merges several tail probabilities of one star into one: their harmonic mean,
@@ -14,13 +15,14 @@ several moderate ones (an astrophysical oddity seen a little everywhere).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-TAIL_FRACTION = 0.025
-"""The fraction of the reference above the tail threshold (the generalised Pareto part)."""
+TAIL_LEVELS = (0.80, 0.90, 0.95)
+"""The quantiles the tail is extrapolated from: above the 95th percentile a generalised Pareto
+law through them takes over, so the few per cent of anomalies any real reference release holds
+(they sit above its 95th percentile) do not set how rare a value beyond them is."""
 
 N_QUANTILES = 1001
 MIN_REFERENCE = 20
@@ -29,12 +31,16 @@ MIN_REFERENCE = 20
 
 @dataclass
 class TailModel:
-    """A statistic's reference distribution: quantiles plus a generalised Pareto tail."""
+    """A statistic's reference distribution: quantiles (the body) plus a generalised Pareto tail
+    P(X > x) = 0.2 (1 + shape (x - u) / scale)^(-1 / shape) above the 95th percentile, with u the
+    80th percentile and shape and scale fixed by the 90th and 95th (a quantile estimator in the
+    manner of Pickands 1975; shape clipped to [0, 0.5], 0 meaning the exponential)."""
 
     quantiles: list[float]  # at levels 0, 1/(N-1), ..., 1
-    threshold: float  # the 1 - TAIL_FRACTION quantile
-    scale: float  # generalised Pareto sigma of the exceedances
-    shape: float  # generalised Pareto xi (clipped to [0, 0.5])
+    threshold: float  # u: the 80th percentile
+    scale: float
+    shape: float
+    start: float  # where the tail takes over from the quantiles: the 95th percentile
     n: int
 
     @classmethod
@@ -44,12 +50,18 @@ class TailModel:
         values = values[np.isfinite(values)]
         if len(values) < MIN_REFERENCE:
             return None
-        levels = np.linspace(0.0, 1.0, N_QUANTILES)
-        quantiles = np.quantile(values, levels)
-        threshold = float(np.quantile(values, 1.0 - TAIL_FRACTION))
-        excess = values[values > threshold] - threshold
-        scale, shape = _fit_pareto(excess, values)
-        return cls([float(q) for q in quantiles], threshold, scale, shape, len(values))
+        quantiles = np.quantile(values, np.linspace(0.0, 1.0, N_QUANTILES))
+        u, q90, q95 = (float(q) for q in np.quantile(values, TAIL_LEVELS))
+        scale, shape = _pareto_from_quantiles(u, q90, q95, values)
+        return cls([float(q) for q in quantiles], u, scale, shape, q95, len(values))
+
+    def tail_logp(self, x: np.ndarray) -> np.ndarray:
+        """-log10 P(X > x) of the Pareto tail (for x above ``threshold``)."""
+        top = 1.0 - TAIL_LEVELS[0]
+        over = np.maximum(np.asarray(x, dtype=np.float64) - self.threshold, 0.0) / self.scale
+        if self.shape > 1e-6:
+            return -np.log10(top) + np.log10(1.0 + self.shape * over) / self.shape
+        return -np.log10(top) + over / np.log(10.0)
 
     def logp(self, x: np.ndarray) -> np.ndarray:
         """-log10 of the tail probability P(reference >= x); NaN stays NaN."""
@@ -59,18 +71,11 @@ class TailModel:
         # the body: the fraction of the reference above x, from the quantiles; ties at the
         # bottom (e.g. no bad pixel at all) give p = 1
         below = np.interp(x, quantiles, levels, left=0.0, right=1.0)
-        lowest = x <= quantiles[0]
-        p_body = np.where(lowest, 1.0, 1.0 - below)
-        p_floor = 1.0 / (self.n + 1.0)  # the finest the reference itself resolves
+        p_body = np.where(x <= quantiles[0], 1.0, 1.0 - below)
         with np.errstate(invalid="ignore", divide="ignore"):
-            logp = -np.log10(np.maximum(p_body, p_floor))
-            over = (x - self.threshold) / self.scale
-            if self.shape > 1e-6:
-                tail = -np.log10(TAIL_FRACTION) + np.log10(1.0 + self.shape * over) / self.shape
-            else:
-                tail = -np.log10(TAIL_FRACTION) + over / np.log(10.0)
-        in_tail = x > self.threshold
-        logp = np.where(in_tail, np.maximum(tail, -np.log10(TAIL_FRACTION)), logp)
+            logp = -np.log10(np.maximum(p_body, 1.0 - TAIL_LEVELS[-1]))
+            tail = self.tail_logp(x)
+        logp = np.where(x > self.start, np.maximum(tail, logp), logp)
         return np.where(np.isnan(x), np.nan, np.maximum(logp, 0.0))
 
     def to_dict(self) -> dict:
@@ -81,29 +86,21 @@ class TailModel:
         return None if data is None else cls(**data)
 
 
-def _fit_pareto(excess: np.ndarray, values: np.ndarray) -> tuple[float, float]:
-    """(scale, shape) of a generalised Pareto fit to the exceedances; an exponential (shape 0)
-    where the fit fails or says the tail is bounded, so scores keep growing past the reference."""
-    excess = excess[excess > 0]
-    if len(excess) < 5:
-        # (almost) nothing above the threshold: an exponential tail as wide as the reference's
-        # spread (a reference of one repeated value leaves no scale: 1e-3 of the unit)
-        spread = float(np.std(values)) or 1e-3
-        return max(float(excess.mean()) if len(excess) else 0.0, spread), 0.0
-    from scipy.stats import genpareto
+def _pareto_from_quantiles(
+    u: float, q90: float, q95: float, values: np.ndarray
+) -> tuple[float, float]:
+    """(scale, shape) of the Pareto law above u = q80 through (q90, 0.1) and (q95, 0.05).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            shape, _, scale = genpareto.fit(excess, floc=0.0)
-        except (ValueError, RuntimeError, FloatingPointError):
-            shape, scale = 0.0, float(excess.mean())
-    if not (np.isfinite(shape) and np.isfinite(scale)) or scale <= 0:
-        shape, scale = 0.0, float(excess.mean())
-    if shape < 0:  # bounded tail: use the exponential, whose mean excess is the scale
-        shape, scale = 0.0, float(excess.mean())
-    shape = min(float(shape), 0.5)  # heavier tails would make every outlier look ordinary
-    return max(float(scale), 1e-12), shape
+    With t = 2^shape, (q95 - u) / (q90 - u) = t + 1. A statistic without spread there (mostly
+    one value, such as a bad-pixel fraction of 0) gets an exponential as wide as its spread."""
+    d90, d95 = q90 - u, q95 - u
+    if d90 <= 0 or d95 <= d90:
+        spread = max(d95 - d90, d95, float(np.std(values))) or 1e-3
+        return spread / np.log(2.0), 0.0
+    shape = float(np.clip(np.log2(max(d95 / d90 - 1.0, 1.0)), 0.0, 0.5))
+    if shape < 1e-6:
+        return d90 / np.log(2.0), 0.0
+    return shape * d90 / (2.0**shape - 1.0), shape
 
 
 def combine_logp(logp: np.ndarray) -> np.ndarray:

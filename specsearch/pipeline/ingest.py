@@ -13,6 +13,7 @@ afterwards), and the runs are merged 4096 source_ids at a time straight into the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -29,6 +30,27 @@ from ..progress import bar as progress_bar
 from ..schema import check_release
 from ..store import Store
 from ..surveys.sources import merged_chunks, scan_source, tidy_rejects
+
+
+def source_fingerprint(source: str | os.PathLike) -> str:
+    """A digest of the files under ``source`` (relative names, sizes, modification times): the
+    same untouched folder gives the same fingerprint. Hidden files are not part of a source."""
+    source = Path(source)
+    files = (
+        [source]
+        if source.is_file()
+        else sorted(
+            p
+            for p in source.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        )
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        info = path.stat()
+        name = path.name if path == source else path.relative_to(source).as_posix()
+        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,7 @@ def ingest(
                 rejects=lambda: tidy_rejects(runs.rejects, runs.names),
                 sources=[str(source.resolve())],
                 rows_per_file=rows_per_file,
+                source_fingerprint=source_fingerprint(source),
             )
     except BaseException:
         if created:  # a failed first ingest leaves no half-made store behind

@@ -111,8 +111,9 @@ class ResidualStats:
 
     chi2: mean z^2 over good pixels. peak: the largest standardised window chi^2,
     (sum z^2 - n) / sqrt(2 n), over every window of every width. windows: (n, TOP_WINDOWS) pixel
-    centres of the strongest windows at the explanation width (-1: none); window_sigma: their
-    standardised chi^2; window_mean: their mean signed z (> 0: more flux than predicted).
+    centres of the strongest windows at the explanation width whose standardised chi^2 exceeds
+    3 (-1: none); window_sigma: their rms z; window_mean: their mean signed z (> 0: more flux
+    than predicted).
     """
 
     chi2: np.ndarray
@@ -186,14 +187,16 @@ def _window_sums(
 def _top_windows(
     s2: np.ndarray, count: np.ndarray, s1: np.ndarray, width: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The TOP_WINDOWS strongest non-overlapping windows per star: (centre pixel, standardised
-    chi^2, mean z), (n, TOP_WINDOWS); centre -1 where there are fewer."""
+    """The TOP_WINDOWS strongest non-overlapping windows per star with a standardised chi^2
+    above 3: (centre pixel, rms z, mean z), (n, TOP_WINDOWS); centre -1 where there are fewer."""
     n, k = s2.shape
     with np.errstate(invalid="ignore", divide="ignore"):
         standard = np.where(
             count >= width / 2, (s2 - count) / np.sqrt(2 * np.maximum(count, 1)), -np.inf
         )
         mean = np.where(count > 0, s1 / np.maximum(count, 1), np.nan)
+        rms = np.where(count > 0, np.sqrt(s2 / np.maximum(count, 1)), np.nan)
+    standard = np.where(standard > 3.0, standard, -np.inf)  # only windows worth naming
     step = max(width // 2, 1)
     centres = np.full((n, TOP_WINDOWS), -1, dtype=np.int32)
     sigma = np.full((n, TOP_WINDOWS), np.nan, dtype=np.float32)
@@ -207,7 +210,7 @@ def _top_windows(
         value = work[rows, best]
         found = np.isfinite(value)
         centres[found, j] = best[found] * step + width // 2
-        sigma[found, j] = value[found]
+        sigma[found, j] = rms[rows, best][found]
         signed[found, j] = mean[rows, best][found]
         for offset in (-1, 0, 1):  # neighbouring windows overlap this one: not again
             column = np.clip(best + offset, 0, k - 1)

@@ -587,10 +587,10 @@ def _windows_text(stats: dict[str, np.ndarray], logp: dict[str, np.ndarray]) -> 
         unit, scale = ("A", 1.0) if modality == "lrs" else ("nm", 0.1)
         for i, row in enumerate(rows):
             items = [
-                f"{names[i, w]} {waves[i, w] * scale:.0f} {unit} "
-                f"({'+' if mean[i, w] > 0 else '-'}{sigma[i, w]:.0f})"
+                f"{names[i, w]} at {waves[i, w] * scale:.0f} {unit} "
+                f"({'+' if mean[i, w] > 0 else '-'}{sigma[i, w]:.1f}σ)"
                 for w in range(TOP_WINDOWS)
-                if centres[i, w] >= 0 and np.isfinite(sigma[i, w]) and sigma[i, w] > 3.0
+                if centres[i, w] >= 0 and np.isfinite(sigma[i, w])
             ]
             if items:
                 texts[row] = f"{component}: " + "; ".join(items)
@@ -768,14 +768,13 @@ def load_reference(store: Store) -> Reference | None:
 
 
 def _fingerprint(store: Store, release: str, reference: Reference) -> str:
+    """What a release's scores are made from: the calibration, its shards and embeddings. (Its
+    kNN graph is that of the store's indexes when it was scored; later releases do not make
+    an old night score again.)"""
     parts = {
         "calibration": reference.calibration_id,
         "shards": {str(p.name): sha for p, sha in store.shard_checksums(release).items()},
         "embeddings": {m: [p.name for p in store.embedding_files(m, release)] for m in MODALITIES},
-        "indexes": {
-            m: store.read_manifest().get("indexes", {}).get(m, {}).get("version")
-            for m in MODALITIES
-        },
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -819,7 +818,7 @@ def score_store(
             f"{st.root}: the calibration is of model {frozen.model_id}, the embeddings of "
             f"{model_id}: re-embed with {frozen.model_id}"
         )
-    runner = SpecCLIPRunner(model or model_id, device="auto")
+    runner = SpecCLIPRunner(model_id if model in (None, "default") else model, device="auto")
     result = ScoreResult(
         reference=(frozen.release if frozen else reference or releases[0]), calibrated=False
     )

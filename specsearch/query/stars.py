@@ -1,0 +1,269 @@
+"""Everything the store knows about a few stars of one release, gathered for a look: observed
+spectra, what the model predicts for them (decoded from the stored features), residuals in sigma
+with the frozen model-error floors, the strongest residual windows, the score row, labels and
+the nearest neighbours' spectra. The report and the plots read stars through ``star_views``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..errors import SpecsearchError
+from ..grids import LRS_WAVELENGTH, XP_WAVELENGTH, xp_norm
+from ..lines import nearest_feature, pixel_wavelength
+from ..schema import LABELS, MODALITIES, column_matrix
+from ..store import Store
+
+PREDICTIONS = {"lrs": ("lrs_recon", "lrs_from_xp"), "xp": ("xp_recon", "xp_from_lrs")}
+COMPARISON = {
+    "lrs_recon": "recon_lrs",
+    "lrs_from_xp": "cross_lrs",
+    "xp_recon": "recon_xp",
+    "xp_from_lrs": "cross_xp",
+}
+
+
+@dataclass
+class Spectrum:
+    """One modality of one star: observed and predicted flux on the canonical grid.
+
+    wavelength in A (LRS) or nm (XP); flux continuum-normalised (LRS) or divided by the star's
+    XP norm (mean over 500-600 nm); sigma the 1-sigma error in the same units (NaN: bad pixel);
+    predicted: {"recon" | "cross": flux}; z: the same residuals in sigma (model floor included).
+    """
+
+    wavelength: np.ndarray
+    unit: str
+    flux: np.ndarray
+    sigma: np.ndarray
+    predicted: dict[str, np.ndarray] = field(default_factory=dict)
+    z: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Window:
+    """A flagged residual window: where, how strong, and the nearest strong feature."""
+
+    modality: str
+    comparison: str  # recon or cross
+    low: float
+    high: float
+    centre: float
+    sigma: float  # rms residual in the window, in sigma
+    sign: str  # "+" more flux than predicted, "-" less
+    name: str
+
+
+@dataclass
+class StarView:
+    source_id: int
+    release: str
+    catalog: dict[str, Any]
+    labels: dict[str, dict[str, float]]  # modality -> pred_<label>[_err]
+    score: dict[str, Any] | None
+    spectra: dict[str, Spectrum]
+    windows: list[Window]
+    neighbours: dict[str, list[tuple[int, float, np.ndarray]]]  # modality -> (id, sim, flux)
+
+
+def star_views(
+    store: str | os.PathLike | Store,
+    release: str,
+    source_ids: np.ndarray,
+    neighbours: int = 3,
+    model: str | None = None,
+) -> list[StarView]:
+    """A StarView per star of ``release`` in ``source_ids`` (in that order)."""
+    from ..models.runner import SpecCLIPRunner
+    from ..pipeline.residuals import residual_sigma, residual_stats, xp_ivar
+    from ..pipeline.score import EXPLAIN_WIDTH, WIDTHS, load_reference
+
+    st = Store.open(store)
+    wanted = np.asarray(source_ids, dtype=np.int64)
+    rows = st.read_shards(source_ids=wanted, release=release)
+    found = rows.column("source_id").to_numpy()
+    missing = np.setdiff1d(wanted, found)
+    if missing.size:
+        raise SpecsearchError(f"source_id {int(missing[0])} is not in release {release}")
+    at = {int(i): j for j, i in enumerate(found)}
+    rows = rows.take([at[int(i)] for i in wanted])  # in the order asked
+    order = {int(i): j for j, i in enumerate(wanted)}
+    n = len(wanted)
+    observed = {name: column_matrix(rows, name) for name in ("lrs_flux", "lrs_ivar", "xp_flux")}
+    observed["xp_ivar"] = xp_ivar(column_matrix(rows, "xp_flux_error"))
+    features, labels = {}, [dict() for _ in range(n)]
+    for modality in MODALITIES:
+        features[modality] = None
+        try:
+            emb = st.embeddings(modality, release=release, source_ids=wanted)
+        except SpecsearchError:
+            continue
+        ids = emb.column("source_id").to_numpy()
+        position = np.array([order.get(int(i), -1) for i in ids])
+        matrix = column_matrix(emb, "features")
+        features[modality] = np.full((n, matrix.shape[1]), np.nan, np.float32)
+        features[modality][position] = matrix
+        for j, pos in enumerate(position):
+            labels[pos][modality] = {
+                f"{label}{s}": _value(emb.column(f"pred_{label}{s}")[j].as_py())
+                for label in LABELS
+                for s in ("", "_err")
+            }
+    model_id = model or st.embeddings_model()
+    if model_id is None:
+        raise SpecsearchError(f"{st.root}: no embeddings; run 'specsearch embed' first")
+    runner = SpecCLIPRunner(model_id)
+    predicted = runner.decode_features(
+        lrs_features=features["lrs"],
+        xp_features=features["xp"],
+        lrs_flux=observed["lrs_flux"],
+        lrs_ivar=observed["lrs_ivar"],
+        xp_flux=observed["xp_flux"],
+    )
+    reference = load_reference(st)
+    floors = reference.floors if reference else {}
+    scores = _score_rows(st, release, wanted)
+    graph = _neighbour_rows(st, release, wanted, neighbours)
+    neighbour_flux = _neighbour_spectra(st, graph)
+    norm = xp_norm(observed["xp_flux"])
+    views = []
+    for i, source_id in enumerate(wanted):
+        spectra, windows = {}, []
+        for modality in MODALITIES:
+            flux = observed[f"{modality}_flux"][i]
+            if not np.isfinite(flux).any():
+                continue
+            ivar = observed[f"{modality}_ivar"][i]
+            scale = 1.0 if modality == "lrs" else norm[i]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sigma = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.nan) / scale
+            spectrum = Spectrum(
+                LRS_WAVELENGTH if modality == "lrs" else XP_WAVELENGTH,
+                "A" if modality == "lrs" else "nm",
+                flux / scale,
+                sigma,
+            )
+            for key in PREDICTIONS[modality]:
+                model_flux = predicted[key][i]
+                if not np.isfinite(model_flux).any():
+                    continue
+                kind = "recon" if key.endswith("recon") else "cross"
+                floor = floors.get(COMPARISON[key], np.zeros(len(flux)))
+                z, good = residual_sigma(flux[None], ivar[None], model_flux[None], floor)
+                spectrum.predicted[kind] = model_flux / scale
+                spectrum.z[kind] = np.where(good[0], z[0], np.nan)
+                stats = residual_stats(
+                    flux[None],
+                    ivar[None],
+                    model_flux[None],
+                    floor,
+                    WIDTHS[modality],
+                    EXPLAIN_WIDTH[modality],
+                )
+                windows += _windows(modality, kind, stats)
+            spectra[modality] = spectrum
+        views.append(
+            StarView(
+                source_id=int(source_id),
+                release=release,
+                catalog=_catalog(rows, i),
+                labels=labels[i],
+                score=scores.get(int(source_id)),
+                spectra=spectra,
+                windows=windows,
+                neighbours={
+                    m: [
+                        (nid, sim, neighbour_flux[m][nid])
+                        for nid, sim in graph.get((int(source_id), m), [])
+                        if nid in neighbour_flux[m]
+                    ]
+                    for m in MODALITIES
+                },
+            )
+        )
+    return views
+
+
+def _value(value):
+    return float("nan") if value is None else float(value)
+
+
+def _catalog(rows, i: int) -> dict[str, Any]:
+    skip = {"lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"}
+    return {name: rows.column(name)[i].as_py() for name in rows.column_names if name not in skip}
+
+
+def _windows(modality: str, kind: str, stats) -> list[Window]:
+    from ..pipeline.score import EXPLAIN_WIDTH
+
+    out = []
+    width = EXPLAIN_WIDTH[modality]
+    for centre, sigma, mean in zip(
+        stats.windows[0], stats.window_sigma[0], stats.window_mean[0], strict=True
+    ):
+        if centre < 0 or not np.isfinite(sigma):
+            continue
+        low, high = pixel_wavelength(modality, [centre - width // 2, centre + width // 2])
+        wave = float(pixel_wavelength(modality, [centre])[0])
+        scale = 1.0 if modality == "lrs" else 0.1  # A -> the spectrum's own unit
+        out.append(
+            Window(
+                modality,
+                kind,
+                float(low) * scale,
+                float(high) * scale,
+                wave * scale,
+                float(sigma),
+                "+" if mean > 0 else "-",
+                nearest_feature(modality, [wave])[0],
+            )
+        )
+    return out
+
+
+def _score_rows(st: Store, release: str, ids: np.ndarray) -> dict[int, dict]:
+    entry = st.score_entry(release)
+    if not entry:
+        return {}
+    table = pq.read_table(st.score_path(release, entry["files"]["scores"]))
+    keep = np.isin(table.column("source_id").to_numpy(), ids)
+    return {row["source_id"]: row for row in table.filter(keep).to_pylist()}
+
+
+def _neighbour_rows(
+    st: Store, release: str, ids: np.ndarray, k: int
+) -> dict[tuple[int, str], list[tuple[int, float]]]:
+    entry = st.score_entry(release)
+    if not entry or "neighbors" not in entry["files"] or k < 1:
+        return {}
+    table = pq.read_table(st.score_path(release, entry["files"]["neighbors"]))
+    keep = np.isin(table.column("source_id").to_numpy(), ids) & (
+        table.column("rank").to_numpy() <= k
+    )
+    out: dict[tuple[int, str], list[tuple[int, float]]] = {}
+    for row in table.filter(keep).to_pylist():
+        out.setdefault((row["source_id"], row["modality"]), []).append(
+            (row["neighbor_id"], row["similarity"])
+        )
+    return out
+
+
+def _neighbour_spectra(st: Store, graph: dict) -> dict[str, dict[int, np.ndarray]]:
+    """The current spectra of the neighbours, normalised as the stars' own."""
+    out: dict[str, dict[int, np.ndarray]] = {m: {} for m in MODALITIES}
+    ids = np.unique([nid for pairs in graph.values() for nid, _ in pairs]).astype(np.int64)
+    if not ids.size:
+        return out
+    rows = st.read_shards(columns=["source_id", "lrs_flux", "xp_flux"], source_ids=ids)
+    lrs, xp = column_matrix(rows, "lrs_flux"), column_matrix(rows, "xp_flux")
+    xp = xp / xp_norm(xp)[:, None]
+    for j, nid in enumerate(rows.column("source_id").to_numpy()):
+        if np.isfinite(lrs[j]).any():
+            out["lrs"][int(nid)] = lrs[j]
+        if np.isfinite(xp[j]).any():
+            out["xp"][int(nid)] = xp[j]
+    return out
