@@ -168,22 +168,11 @@ def write_report(
     )
     rejects = Counter(st.rejects(release).column("reason").to_pylist())
     page = _page(
-        st,
-        release,
-        scores,
-        table,
-        entry,
-        threshold,
-        since,
-        fresh,
-        rejects,
-        histogram,
-        driver_png,
-        tag_png,
-        drivers,
-        tags,
-        sections,
-        command,
+        _Page(
+            st, release, scores, table, entry, threshold, since, fresh, rejects, command, sections
+        ),
+        {"histogram": histogram, "drivers": driver_png, "tags": tag_png},
+        {"drivers": drivers, "tags": tags},
     )
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / HTML_FILE) as tmp:
@@ -293,24 +282,39 @@ def _versions() -> str:
     )
 
 
-def _page(
-    st,
-    release,
-    scores,
-    table,
-    entry,
-    threshold,
-    since,
-    fresh,
-    rejects,
-    histogram,
-    driver_png,
-    tag_png,
-    drivers,
-    tags,
-    sections,
-    command,
-) -> str:
+@dataclass
+class _Page:
+    """What the page is written from."""
+
+    store: Store
+    release: str
+    scores: pa.Table
+    table: pa.Table
+    entry: dict
+    threshold: float
+    since: str | None
+    fresh: pa.Table | None
+    rejects: Counter
+    command: str | None
+    sections: list[str]
+
+
+def _page(page: _Page, figures: dict[str, str], counts: dict[str, Counter]) -> str:
+    st, release, scores, table, entry = (
+        page.store,
+        page.release,
+        page.scores,
+        page.table,
+        page.entry,
+    )
+    threshold, since, fresh, rejects = page.threshold, page.since, page.fresh, page.rejects
+    histogram, driver_png, tag_png = figures["histogram"], figures["drivers"], figures["tags"]
+    drivers, tags, sections, command = (
+        counts["drivers"],
+        counts["tags"],
+        page.sections,
+        page.command,
+    )
     columns = ["rank", "source_id", "score", "driver", "modality_tag", "windows"]
     new_html = ""
     if since:
