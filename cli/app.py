@@ -269,8 +269,12 @@ def report(
     ] = None,
     top: Annotated[int, typer.Option(help="Top anomalies shown in detail.")] = 50,
     threshold: Annotated[
-        float, typer.Option(help="Score (-log10 p) from which a star counts as an anomaly.")
-    ] = 4.0,
+        float | None,
+        typer.Option(
+            help="Score (-log10 p) from which a star counts as an anomaly (default: log10 of "
+            "the release's size, where about one normal star passes by chance)."
+        ),
+    ] = None,
 ) -> None:
     """Self-contained HTML report with plots plus Parquet/CSV of the top anomalies."""
     from specsearch.pipeline.report import write_report

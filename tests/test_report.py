@@ -42,7 +42,7 @@ def test_report_files_and_new_since_section(demo_run):
     html = night.report.read_text()
     assert html.count('<section class="star"') == 25  # the demo's --top
     assert "New since DR1" in html
-    fresh = new_above_threshold(store, "DR2", "DR1", 4.0)
+    fresh = new_above_threshold(store, "DR2", "DR1", store.score_entry("DR2")["threshold"])
     assert night.new_since == fresh.num_rows
     truth = _truth()
     for source_id in fresh.column("source_id").to_pylist():
@@ -161,11 +161,11 @@ def test_readme_sql_examples_return_what_they_say(demo_run, monkeypatch):
     for release in ("DR1", "DR2"):
         scores = pq.read_table(store.score_path(release, "scores.parquet")).to_pylist()
         for row in scores:
-            if row["score"] is not None and row["score"] >= 3:
+            if row["score"] is not None and row["score"] >= 2.5:
                 key = (release, row["modality_tag"])
                 expected[key] = expected.get(key, 0) + 1
     assert {(r["release"], r["modality_tag"]): int(r["anomalies"]) for r in per_tag} == expected
-    # 3: ten XP neighbours for every DR2 star at or above 3, none of them the star itself
+    # 3: ten XP neighbours for every DR2 star at or above 2.5, none of them the star itself
     above = {k for k, v in expected.items() if k[0] == "DR2"}
     n_above = sum(expected[k] for k in above)
     assert len(neighbours) == 10 * n_above

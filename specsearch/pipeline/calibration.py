@@ -37,22 +37,26 @@ class TailModel:
     manner of Pickands 1975; shape clipped to [0, 0.5], 0 meaning the exponential)."""
 
     quantiles: list[float]  # at levels 0, 1/(N-1), ..., 1
-    threshold: float  # u: the 80th percentile
+    threshold: float  # u: the 80th percentile (moved to fit the exponential where shape is 0)
     scale: float
     shape: float
     start: float  # where the tail takes over from the quantiles: the 95th percentile
     n: int
 
     @classmethod
-    def fit(cls, values: np.ndarray) -> TailModel | None:
-        """Fit to the finite reference values; None when there are fewer than MIN_REFERENCE."""
+    def fit(cls, values: np.ndarray, max_shape: float = 0.5) -> TailModel | None:
+        """Fit to the finite reference values; None when there are fewer than MIN_REFERENCE.
+
+        ``max_shape`` 0 asks for an exponential tail: right for a sum of -log p (Fisher's
+        statistic has a gamma law, exponential in its tail, even when its terms are correlated).
+        """
         values = np.asarray(values, dtype=np.float64)
         values = values[np.isfinite(values)]
         if len(values) < MIN_REFERENCE:
             return None
         quantiles = np.quantile(values, np.linspace(0.0, 1.0, N_QUANTILES))
         u, q90, q95 = (float(q) for q in np.quantile(values, TAIL_LEVELS))
-        scale, shape = _pareto_from_quantiles(u, q90, q95, values)
+        u, scale, shape = _pareto_from_quantiles(u, q90, q95, values, max_shape)
         return cls([float(q) for q in quantiles], u, scale, shape, q95, len(values))
 
     def tail_logp(self, x: np.ndarray) -> np.ndarray:
@@ -87,20 +91,24 @@ class TailModel:
 
 
 def _pareto_from_quantiles(
-    u: float, q90: float, q95: float, values: np.ndarray
-) -> tuple[float, float]:
-    """(scale, shape) of the Pareto law above u = q80 through (q90, 0.1) and (q95, 0.05).
+    u: float, q90: float, q95: float, values: np.ndarray, max_shape: float = 0.5
+) -> tuple[float, float, float]:
+    """(threshold, scale, shape) of P(X > x) = 0.2 (1 + shape (x - threshold) / scale)^(-1/shape)
+    through (q80, 0.2), (q90, 0.1) and (q95, 0.05).
 
-    With t = 2^shape, (q95 - u) / (q90 - u) = t + 1. A statistic without spread there (mostly
-    one value, such as a bad-pixel fraction of 0) gets an exponential as wide as its spread."""
+    With t = 2^shape, (q95 - u) / (q90 - u) = t + 1. Where the shape is clipped to 0, the
+    exponential follows the slope between q90 and q95 and passes through (q95, 0.05). A
+    statistic without spread there (mostly one value, such as a bad-pixel fraction of 0) gets
+    an exponential as wide as its spread, from its 95th percentile."""
     d90, d95 = q90 - u, q95 - u
     if d90 <= 0 or d95 <= d90:
-        spread = max(d95 - d90, d95, float(np.std(values))) or 1e-3
-        return spread / np.log(2.0), 0.0
-    shape = float(np.clip(np.log2(max(d95 / d90 - 1.0, 1.0)), 0.0, 0.5))
+        scale = max(d95 - d90, d95, float(np.std(values))) or 1e-3
+        return q95 - scale * np.log(4.0), scale, 0.0
+    shape = float(np.clip(np.log2(max(d95 / d90 - 1.0, 1.0)), 0.0, max_shape))
     if shape < 1e-6:
-        return d90 / np.log(2.0), 0.0
-    return shape * d90 / (2.0**shape - 1.0), shape
+        scale = (d95 - d90) / np.log(2.0)
+        return q95 - scale * np.log(4.0), scale, 0.0
+    return u, shape * d90 / (2.0**shape - 1.0), shape
 
 
 def combine_logp(logp: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ SQL = """SELECT s.rank, s.source_id, round(s.score, 1) AS score, s.driver,
 FROM scores s
 JOIN shards c USING (source_id)
 LEFT JOIN labels l ON l.source_id = s.source_id AND l.modality = 'xp'
-WHERE s.release = 'DR2' AND s.score >= 3
+WHERE s.release = 'DR2' AND s.score >= 2.5
 ORDER BY s.rank LIMIT 10"""
 
 

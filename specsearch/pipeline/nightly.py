@@ -31,7 +31,7 @@ from ..store import Store
 from .embed import embed_store
 from .ingest import ingest, source_fingerprint
 from .report import TOP, write_report
-from .score import THRESHOLD, score_store
+from .score import default_threshold, score_store
 
 
 @dataclass
@@ -92,7 +92,7 @@ def nightly(
     reference: str | None = None,
     model: str = "default",
     top: int = TOP,
-    threshold: float = THRESHOLD,
+    threshold: float | None = None,
     workers: int | None = None,
     show_progress: bool = True,
 ) -> NightlyResult:
@@ -142,6 +142,8 @@ def nightly(
         result.changed.append("score")
     # 5. the report, new since the previous scored release
     result.since = _previous_scored(st, release)
+    if threshold is None:
+        threshold = default_threshold((st.score_entry(release) or {}).get("stars", 0))
     out = st.report_dir(release)
     key = _report_key(st, release, result.since, top, threshold)
     recorded = st.report_entry(release)

@@ -33,7 +33,7 @@ from ..files import atomic_path, write_parquet_atomic
 from ..progress import progress
 from ..schema import LABELS
 from ..store import Store
-from .score import COMPONENTS, THRESHOLD
+from .score import COMPONENTS, default_threshold
 
 HTML_FILE = "report.html"
 TABLE_FILE = "top_anomalies"
@@ -115,14 +115,16 @@ def write_report(
     out: str | os.PathLike,
     since: str | None = None,
     top: int = TOP,
-    threshold: float = THRESHOLD,
+    threshold: float | None = None,
     command: str | None = None,
     model: str | None = None,
     show_progress: bool = True,
 ) -> ReportResult:
     """Write ``out/report.html``, ``out/top_anomalies.parquet`` and ``.csv`` for ``release``.
 
-    ``model``: where to load the store's model from when its id is not installed (a directory).
+    ``threshold``: the score that counts as an anomaly (default: ``score.default_threshold``
+    of the release's size). ``model``: where to load the store's model from when its id is
+    not installed (a directory).
     """
     from .. import plots
     from ..query.stars import star_views
@@ -133,6 +135,8 @@ def write_report(
         raise SpecsearchError(f"--top must be at least 1, not {top}")
     out = Path(out)
     scores = _scores(st, release)
+    if threshold is None:
+        threshold = default_threshold(scores.num_rows)
     if since is not None and since == release:
         raise SpecsearchError("--since must name an earlier release than --release")
     fresh = new_above_threshold(st, release, since, threshold) if since else None
@@ -349,7 +353,8 @@ report written {created}<br>{html.escape(_versions())}<br>command: <code>{html.e
 <h2>Summary</h2>
 <p><b>{scores.num_rows:,}</b> stars scored; <b>{above:,}</b> at or above score
 {threshold:g} (p &lt; 10<sup>-{threshold:g}</sup> against the reference release; at that
-threshold about {scores.num_rows * 10**-threshold:.1f} normal stars would pass by chance).
+threshold about {scores.num_rows * 10**-threshold:.1f} normal star(s) would pass by chance; the
+default threshold is log10 of the release's size, where that is about one).
 Rejected at ingest: {sum(rejects.values()):,}.</p>
 <div class="summary"><div>{histogram}</div>
 <div>{driver_png}{_counts_html(drivers, "driving component")}</div>

@@ -65,43 +65,31 @@ def xp_ivar(xp_flux_error: np.ndarray) -> np.ndarray:
     return np.where(ok, 1.0 / np.where(ok, err, 1.0) ** 2, 0.0)
 
 
-def fit_floor(
-    observed: np.ndarray, ivar: np.ndarray, predicted: np.ndarray, iterations: int = 48
-) -> np.ndarray:
+def fit_floor(observed: np.ndarray, ivar: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """The per-pixel model-error floor (m,) that makes residuals unit-variance on a reference.
 
     For each pixel, the smallest f >= 0 such that the median over stars of
     (observed - predicted)^2 / (1/ivar + f^2) is the median of a chi^2 with one degree of
-    freedom: a median, so the few anomalies a reference holds do not set it. Pixels whose
-    residuals are already within their noise get 0. Bisection in log f, vectorised over pixels.
+    freedom, c: a median, so the few anomalies a reference holds do not set it. Each star's
+    ratio exceeds c exactly when f^2 < t = r^2 / c - 1/ivar, so the median is c where f^2 is
+    the median of t: f = sqrt(max(median t, 0)), no search needed. Pixels good in fewer than
+    10 stars get 0.
     """
     observed = np.asarray(observed, dtype=np.float64)
     predicted = np.asarray(predicted, dtype=np.float64)
     ivar = np.asarray(ivar, dtype=np.float64)
     good = (ivar > 0) & np.isfinite(observed) & np.isfinite(predicted)
-    r2 = np.where(good, (observed - predicted) ** 2, np.nan)
-    noise = np.where(good, 1.0 / np.where(good, ivar, 1.0), np.nan)
-
-    def median_chi2(floor: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return np.nanmedian(r2 / (noise + floor[None, :] ** 2), axis=0)
-
-    m = observed.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(
+            good,
+            (observed - predicted) ** 2 / MEDIAN_CHI2_1 - 1.0 / np.where(good, ivar, 1.0),
+            np.nan,
+        )
     usable = good.sum(axis=0) >= 10
-    floor = np.zeros(m)
-    need = usable & (median_chi2(floor) > MEDIAN_CHI2_1)
-    if not need.any():
-        return floor
-    scale = np.sqrt(np.nanmedian(r2[:, need], axis=0) / MEDIAN_CHI2_1)
-    low, high = np.log(scale * 1e-6), np.log(scale)  # f = scale makes the median <= target
-    for _ in range(iterations):
-        middle = 0.5 * (low + high)
-        trial = np.zeros(m)
-        trial[need] = np.exp(middle)
-        above = median_chi2(trial)[need] > MEDIAN_CHI2_1
-        low = np.where(above, middle, low)
-        high = np.where(above, high, middle)
-    floor[need] = np.exp(high)
+    floor = np.zeros(observed.shape[1])
+    if usable.any():
+        floor2 = np.nanmedian(t[:, usable], axis=0)
+        floor[usable] = np.sqrt(np.maximum(floor2, 0.0))
     return floor
 
 

@@ -8,18 +8,23 @@ Components (each where its inputs exist; ``COMPONENTS``):
 ==============  =====  =========================================================================
 recon_lrs       lrs    observed LRS vs its in-modal reconstruction: mean z^2 and window peak
 cross_lrs       pair   observed LRS vs the LRS predicted from the star's XP: the same two
-knn_lrs         lrs    mean cosine distance to the 10 nearest reference stars (LRS embeddings)
+knn_lrs         lrs    mean cosine distance to the 10 nearest reference stars (LRS embeddings),
+                       over the same for those neighbours (a local-density ratio, as LOF)
 bad_lrs         lrs    fraction of LRS pixels flagged bad (ivar 0): what chi^2 cannot see
 recon_xp        xp     observed XP vs its reconstruction: mean z^2 and window peak
 cross_xp        pair   observed XP vs the XP predicted from the star's LRS: the same two
-knn_xp          xp     mean cosine distance to the 10 nearest reference stars (XP embeddings)
+knn_xp          xp     the same on the XP embeddings
 knn_pair        pair   the same for the two embeddings side by side: is the pair of spectra rare?
 align           pair   1 - cos(z_lrs, z_xp): do the two spectra tell the same story?
 labels          pair   mean over Teff, log g, [Fe/H], [alpha/M] of ((LRS - XP) / sigma)^2
 ==============  =====  =========================================================================
 
 z is the residual in sigma with the observational noise and a model-error floor per pixel
-learned on the reference (``residuals.fit_floor``); the window peak is the largest standardised
+learned on the reference (``residuals.fit_floor``), for each kind of star: the reference stars
+are clustered (spherical k-means, about 400 stars a cluster, at most 32) on the embedding of the
+spectrum the prediction comes from, and each cluster gets its own floors, because a model
+reproduces an M dwarf less well than a G dwarf. XP residuals are taken as fractions of the
+star's own flux (XP divided by its mean over 500-600 nm). The window peak is the largest standardised
 chi^2 of a window of 8, 32 or 128 LRS pixels (5, 20 or 80 XP samples), so a narrow emission line
 is not averaged away by a good fit elsewhere.
 
@@ -61,7 +66,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
-from ..files import write_json_atomic, write_parquet_atomic
+from ..files import atomic_path, write_json_atomic, write_parquet_atomic
+from ..grids import xp_norm
 from ..lines import nearest_feature, pixel_wavelength
 from ..progress import progress
 from ..schema import LABELS, MODALITIES, SCORE_COMPONENTS, SCORES_SCHEMA, column_matrix
@@ -108,6 +114,10 @@ EXPLAIN_WIDTH = {"lrs": 32, "xp": 20}
 KNN_K = 10
 FLOOR_STARS = 10_000
 """Reference stars the model-error floors are fitted on (a regular subsample)."""
+STARS_PER_CLUSTER = 400
+MAX_CLUSTERS = 32
+SOURCE = {"recon_lrs": "lrs", "cross_lrs": "xp", "recon_xp": "xp", "cross_xp": "lrs"}
+"""The modality each prediction is made from: its embedding says which floors apply."""
 SIGNIFICANT = 3.0
 """-log10 p from which a component counts in the modality tag (p < 1e-3)."""
 HINTS = {
@@ -117,7 +127,8 @@ HINTS = {
     "pair": "each spectrum looks normal but they disagree: a mismatched pair or a companion",
 }
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_FORMAT = 1
+ARRAYS_FILE = "calibration.safetensors"
+CALIBRATION_FORMAT = 2
 
 
 # ------------------------------------------------------------------ reading a release
@@ -192,7 +203,21 @@ def _read_batch(store: Store, chunk: Chunk, runner: Any) -> Batch:
         xp_flux=observed["xp_flux"],
         outputs=[prediction for _, prediction in COMPARISONS.values()],
     )
+    normalise_xp(batch.observed, batch.predicted)
     return batch
+
+
+def normalise_xp(observed: dict[str, np.ndarray], predicted: dict[str, np.ndarray]) -> None:
+    """Put the observed and predicted XP in units of the star's own norm (mean flux over
+    500-600 nm), in place: XP fluxes span orders of magnitude from star to star, so a per-pixel
+    model-error floor is only meaningful as a fraction of the flux."""
+    norm = xp_norm(observed["xp_flux"])
+    scale = np.where(np.isfinite(norm) & (norm > 0), norm, np.nan)[:, None]
+    observed["xp_flux"] = observed["xp_flux"] / scale
+    observed["xp_ivar"] = np.where(np.isfinite(scale), observed["xp_ivar"] * scale**2, 0.0)
+    for key in ("xp_recon", "xp_from_lrs"):
+        if key in predicted:
+            predicted[key] = predicted[key] / scale
 
 
 def _batches(
@@ -210,6 +235,7 @@ def _batches(
 
 
 def _comparison(batch: Batch, component: str, floor: np.ndarray | None) -> ResidualStats | None:
+    """Residual statistics of one comparison; ``floor`` (m,) or per star (n, m)."""
     modality, prediction = COMPARISONS[component]
     other = "xp" if modality == "lrs" else "lrs"
     usable = batch.has[modality] & (batch.has[other] if component.startswith("cross") else True)
@@ -243,7 +269,9 @@ def knn_vectors(
 
 
 def _knn_distance(reference: Reference, batch: Batch, space: str) -> np.ndarray:
-    """Mean cosine distance to the KNN_K nearest reference stars other than the star itself."""
+    """Mean cosine distance to the KNN_K nearest reference stars other than the star itself,
+    divided by the median of the same distance of those neighbours (in the reference, leaving
+    each star out): how much sparser the star's surroundings are than its neighbours'."""
     from ..indexes import drop_self
 
     out = np.full(len(batch.source_id), np.nan, np.float32)
@@ -258,7 +286,8 @@ def _knn_distance(reference: Reference, batch: Batch, space: str) -> np.ndarray:
     sims, ids = index.search(queries, k + 1)
     ids, sims = drop_self(ids, batch.source_id[rows], k, similarities=sims)
     sims = np.where(ids >= 0, sims, np.nan)
-    out[rows] = 1.0 - np.nanmean(sims, axis=1)
+    distance = 1.0 - np.nanmean(sims, axis=1)
+    out[rows] = distance / reference.neighbour_scale(space, ids)
     return out
 
 
@@ -284,7 +313,7 @@ def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray
     n = len(batch.source_id)
     stats: dict[str, np.ndarray] = {}
     for component in COMPARISONS:
-        result = _comparison(batch, component, reference.floors.get(component))
+        result = _comparison(batch, component, reference.floor_rows(component, batch))
         if result is None:
             stats[component] = np.full(n, np.nan, np.float32)
             stats[f"{component}_peak"] = np.full(n, np.nan, np.float32)
@@ -356,13 +385,44 @@ class Reference:
 
     release: str
     model_id: str
-    floors: dict[str, np.ndarray]
+    floors: dict[str, np.ndarray]  # comparison -> (clusters, pixels)
     tails: dict[str, TailModel | None]
     n_stars: int
+    centroids: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (clusters, d)
+    knn_scale: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """space -> (sorted reference source_ids, their own mean kNN distance)."""
     calibration_id: str = ""
     created: str = ""
     directory: Path | None = None
     _indexes: dict[str, Any] = field(default_factory=dict)
+
+    def clusters(self, modality: str, vectors: np.ndarray) -> np.ndarray:
+        """The nearest cluster of each unit vector (cosine); 0 without clusters or a vector."""
+        centroids = self.centroids.get(modality)
+        if centroids is None or len(centroids) < 2:
+            return np.zeros(len(vectors), np.int64)
+        similarity = np.nan_to_num(np.asarray(vectors, np.float32), nan=0.0) @ centroids.T
+        return similarity.argmax(axis=1)
+
+    def floor_rows(self, component: str, batch: Batch) -> np.ndarray | None:
+        """Each star's floors for a comparison, (n, pixels); None before floors are fitted."""
+        floors = self.floors.get(component)
+        if floors is None:
+            return None
+        source = SOURCE[component]
+        return floors[self.clusters(source, batch.embedding[source])]
+
+    def neighbour_scale(self, space: str, ids: np.ndarray) -> np.ndarray:
+        """Median own kNN distance of each row's reference neighbours ``ids`` (n, k)."""
+        found = self.knn_scale.get(space)
+        if found is None:
+            return np.ones(len(ids))
+        sorted_ids, scale = found
+        at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+        values = np.where((ids >= 0) & (sorted_ids[at] == ids), scale[at], np.nan)
+        with np.errstate(all="ignore"):
+            median = np.nanmedian(values, axis=1)
+        return np.where(np.isfinite(median) & (median > 0), median, np.nan)
 
     def knn_index(self, modality: str):
         found = self._indexes.get(modality)
@@ -411,17 +471,31 @@ class Reference:
             "n_stars": self.n_stars,
             "knn_k": KNN_K,
             "widths": {m: list(w) for m, w in WIDTHS.items()},
-            "floors": {c: [float(v) for v in f] for c, f in self.floors.items()},
+            "floor_clusters": {c: len(f) for c, f in self.floors.items()},
+            "arrays": ARRAYS_FILE,
             "tails": {name: (t.to_dict() if t else None) for name, t in self.tails.items()},
             "knn_indexes": sorted(self._indexes),
             "combination": "sum of component -log10 p, calibrated per spectra pattern",
         }
 
     def save(self, directory: Path) -> None:
+        from safetensors.numpy import save_file
+
         from ..indexes.io import save_index
 
         for modality, (index, params) in self._indexes.items():
             save_index(index, {**params, "role": "reference kNN"}, directory, modality)
+        arrays = {
+            f"floors.{c}": np.ascontiguousarray(f, np.float32) for c, f in self.floors.items()
+        }
+        arrays |= {
+            f"centroids.{m}": np.ascontiguousarray(c, np.float32) for m, c in self.centroids.items()
+        }
+        for space, (ids, scale) in self.knn_scale.items():
+            arrays[f"knn_ids.{space}"] = np.ascontiguousarray(ids, np.int64)
+            arrays[f"knn_scale.{space}"] = np.ascontiguousarray(scale, np.float32)
+        with atomic_path(directory / ARRAYS_FILE) as tmp:
+            save_file(arrays, str(tmp))
         write_json_atomic(self.to_dict(), directory / CALIBRATION_FILE)
         self.directory = directory
 
@@ -436,10 +510,25 @@ class Reference:
             raise SpecsearchError(f"{path}: unreadable calibration ({err})") from None
         if data.get("format") != CALIBRATION_FORMAT:
             raise SpecsearchError(f"{path}: calibration format {data.get('format')} unknown")
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(directory / data["arrays"]))
+        except (OSError, SafetensorError) as err:
+            raise SpecsearchError(f"{directory / data['arrays']}: unreadable ({err})") from None
         reference = cls(
             release=data["release"],
             model_id=data["model_id"],
-            floors={c: np.asarray(f) for c, f in data["floors"].items()},
+            floors={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("floors.")},
+            centroids={
+                k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("centroids.")
+            },
+            knn_scale={
+                k.split(".", 1)[1]: (v, arrays[f"knn_scale.{k.split('.', 1)[1]}"])
+                for k, v in arrays.items()
+                if k.startswith("knn_ids.")
+            },
             tails={name: TailModel.from_dict(t) for name, t in data["tails"].items()},
             n_stars=data["n_stars"],
             calibration_id=data["calibration_id"],
@@ -477,6 +566,36 @@ def _release_embeddings(
     return ids, embedding, has
 
 
+def _own_knn_distance(
+    index: Any, vectors: np.ndarray, ids: np.ndarray, batch: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, each reference star's mean cosine distance to its KNN_K nearest others)."""
+    from ..indexes import drop_self
+
+    k = min(KNN_K, len(ids) - 1)
+    distance = np.empty(len(ids), np.float32)
+    for start in range(0, len(ids), batch):
+        part = slice(start, start + batch)
+        sims, found = index.search(np.ascontiguousarray(vectors[part]), k + 1)
+        found, sims = drop_self(found, ids[part], k, similarities=sims)
+        distance[part] = 1.0 - np.nanmean(np.where(found >= 0, sims, np.nan), axis=1)
+    order = np.argsort(ids)
+    return ids[order], distance[order]
+
+
+def _cluster(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centroids (k, d) of unit vectors: about STARS_PER_CLUSTER each."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors[np.isfinite(vectors).all(axis=1)], np.float32)
+    k = int(np.clip(len(vectors) // STARS_PER_CLUSTER, 1, MAX_CLUSTERS))
+    if k < 2:
+        return np.zeros((1, vectors.shape[1] if vectors.ndim == 2 else 1), np.float32)
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False)
+    kmeans.train(vectors)
+    return kmeans.centroids.copy()
+
+
 def _floor_sample(n_rows: int) -> int:
     """Every how many stars one goes into the floor fit."""
     return max(1, -(-n_rows // FLOOR_STARS))
@@ -490,8 +609,13 @@ def fit_reference(
     from ..indexes import build_index
 
     reference = Reference(release, runner.model_id, {}, {}, 0)
-    # 1. the model-error floors, on a regular subsample of the reference's stars
     every = _floor_sample(store.read_manifest()["releases"][release]["rows"])
+    ids, embedding, has = _release_embeddings(store, release)
+    # 1. kinds of star: clusters of each modality's embeddings, in the floor subsample's size
+    for modality in MODALITIES:
+        vectors = embedding[modality][has[modality]][::every]
+        reference.centroids[modality] = _cluster(vectors)
+    # 2. the model-error floors of each cluster, on a regular subsample of the reference
     sample: dict[str, list[tuple[np.ndarray, ...]]] = {c: [] for c in COMPARISONS}
     position = 0
     for batch in _batches(store, release, runner, show_progress, f"fitting floors on {release}"):
@@ -502,20 +626,29 @@ def fit_reference(
             keep = chosen & batch.has[modality]
             if component.startswith("cross"):
                 keep &= batch.has[other]
+            source = SOURCE[component]
             sample[component].append(
                 (
                     batch.observed[f"{modality}_flux"][keep],
                     batch.observed[f"{modality}_ivar"][keep],
                     batch.predicted[prediction][keep],
+                    reference.clusters(source, batch.embedding[source][keep]),
                 )
             )
     for component, parts in sample.items():
-        observed, ivar, predicted = (np.concatenate(p) for p in zip(*parts, strict=True))
-        if len(observed) >= 10:
-            reference.floors[component] = fit_floor(observed, ivar, predicted)
+        observed, ivar, predicted, cluster = (np.concatenate(p) for p in zip(*parts, strict=True))
+        if len(observed) < 10:
+            continue
+        overall = fit_floor(observed, ivar, predicted)
+        k = len(reference.centroids.get(SOURCE[component], [None]))
+        floors = np.tile(overall, (k, 1))
+        for j in range(k):  # a cluster too small for its own floors keeps the overall ones
+            members = cluster == j
+            if members.sum() >= STARS_PER_CLUSTER // 4:
+                floors[j] = fit_floor(observed[members], ivar[members], predicted[members])
+        reference.floors[component] = floors
     del sample
-    # 2. the reference kNN indexes: the release's own rows
-    ids, embedding, has = _release_embeddings(store, release)
+    # 3. the reference kNN indexes: the release's own rows
     for space in KNN_SPACES:
         rows, vectors = knn_vectors(embedding, has, space)
         if len(rows) < 2:
@@ -523,8 +656,11 @@ def fit_reference(
         reference._indexes[space] = build_index(
             vectors, ids[rows], show_progress=False, device="cpu"
         )
+        reference.knn_scale[space] = _own_knn_distance(
+            reference._indexes[space][0], vectors, ids[rows]
+        )
     del embedding
-    # 3. every statistic of every reference star, and its tail model
+    # 4. every statistic of every reference star, and its tail model
     parts, ids = [], []
     for batch in _batches(store, release, runner, show_progress, f"calibrating on {release}"):
         parts.append(batch_statistics(batch, reference))
@@ -534,7 +670,7 @@ def fit_reference(
     combined = combined_statistic(reference.logp(stats))
     pattern = spectra_pattern(stats)
     for name in PATTERNS:
-        reference.tails[f"combined_{name}"] = TailModel.fit(combined[pattern == name])
+        reference.tails[f"combined_{name}"] = TailModel.fit(combined[pattern == name], max_shape=0)
     reference.n_stars = int(sum(len(i) for i in ids))
     reference.created = _now()
     reference.calibration_id = uuid.uuid4().hex
@@ -613,7 +749,7 @@ def explain(
             sentences.append("no component could be computed")
             continue
         strong = [names[j] for j in order[i, :3] if matrix[i, j] >= SIGNIFICANT]
-        lead = ", ".join(f"{c} (p=1e-{matrix[i, COMPONENTS.index(c)]:.1f})" for c in strong)
+        lead = ", ".join(f"{c} (p={10.0 ** -matrix[i, COMPONENTS.index(c)]:.0e})" for c in strong)
         if not lead:
             sentences.append(f"nothing unusual (strongest: {names[driver[i]]})")
             continue
@@ -756,8 +892,10 @@ class ScoreResult:
         return f"scored {'; '.join(parts)} ({frozen} {self.reference}, {self.seconds:.1f} s)"
 
 
-THRESHOLD = 4.0
-"""Default score (-log10 p) from which a star counts as an anomaly in summaries and reports."""
+def default_threshold(n_stars: int) -> float:
+    """The score from which a star counts as an anomaly unless told otherwise: log10 of the
+    release's size (at least 2), where about one normal star per release passes by chance."""
+    return round(max(2.0, float(np.log10(max(n_stars, 1)))), 1)
 
 
 def load_reference(store: Store) -> Reference | None:
@@ -785,7 +923,7 @@ def score_store(
     reference: str | None = None,
     *,
     model: str | None = None,
-    threshold: float = THRESHOLD,
+    threshold: float | None = None,
     show_progress: bool = True,
 ) -> ScoreResult:
     """Score ``release`` (default: every release not yet scored against the frozen reference).
@@ -793,6 +931,8 @@ def score_store(
     The first run freezes the calibration on ``reference`` (default: the first release); a
     later ``reference`` that differs from the frozen one is an error (the scores of different
     releases would not be comparable). A release already scored from the same inputs is skipped.
+    ``threshold``: the score that counts as an anomaly in the summary (default:
+    ``default_threshold`` of the release's size).
     """
     from ..models.runner import SpecCLIPRunner
 
@@ -849,14 +989,15 @@ def score_store(
         write_parquet_atomic(table, st.score_path(name, "scores.parquet"), row_group_size=65_536)
         write_parquet_atomic(graph, st.score_path(name, "neighbors.parquet"), row_group_size=65_536)
         scores = table.column("score").to_numpy(zero_copy_only=False)
+        cut = default_threshold(table.num_rows) if threshold is None else threshold
         entry = {
             "files": {"scores": "scores.parquet", "neighbors": "neighbors.parquet"},
             "reference": frozen.release,
             "calibration_id": frozen.calibration_id,
             "model_id": frozen.model_id,
             "stars": table.num_rows,
-            "threshold": threshold,
-            "above_threshold": int(np.nansum(scores >= threshold)),
+            "threshold": cut,
+            "above_threshold": int(np.nansum(scores >= cut)),
             "top_score": float(np.nanmax(scores)) if len(scores) else 0.0,
             "fingerprint": fingerprint,
             "scored": _now(),

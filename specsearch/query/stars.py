@@ -80,7 +80,7 @@ def star_views(
     """A StarView per star of ``release`` in ``source_ids`` (in that order)."""
     from ..models.runner import SpecCLIPRunner
     from ..pipeline.residuals import residual_sigma, residual_stats, xp_ivar
-    from ..pipeline.score import EXPLAIN_WIDTH, WIDTHS, load_reference
+    from ..pipeline.score import EXPLAIN_WIDTH, SOURCE, WIDTHS, load_reference, normalise_xp
 
     st = Store.open(store)
     wanted = np.asarray(source_ids, dtype=np.int64)
@@ -124,12 +124,12 @@ def star_views(
         lrs_ivar=observed["lrs_ivar"],
         xp_flux=observed["xp_flux"],
     )
+    normalise_xp(observed, predicted)  # the XP in units of its norm, as the scores see it
     reference = load_reference(st)
-    floors = reference.floors if reference else {}
+    embedding = {m: _unit_embeddings(st, release, m, wanted, order, n) for m in MODALITIES}
     scores = _score_rows(st, release, wanted)
     graph = _neighbour_rows(st, release, wanted, neighbours)
     neighbour_flux = _neighbour_spectra(st, graph)
-    norm = xp_norm(observed["xp_flux"])
     views = []
     for i, source_id in enumerate(wanted):
         spectra, windows = {}, []
@@ -138,13 +138,12 @@ def star_views(
             if not np.isfinite(flux).any():
                 continue
             ivar = observed[f"{modality}_ivar"][i]
-            scale = 1.0 if modality == "lrs" else norm[i]
             with np.errstate(divide="ignore", invalid="ignore"):
-                sigma = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.nan) / scale
+                sigma = np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.nan)
             spectrum = Spectrum(
                 LRS_WAVELENGTH if modality == "lrs" else XP_WAVELENGTH,
                 "A" if modality == "lrs" else "nm",
-                flux / scale,
+                flux,
                 sigma,
             )
             for key in PREDICTIONS[modality]:
@@ -152,9 +151,13 @@ def star_views(
                 if not np.isfinite(model_flux).any():
                     continue
                 kind = "recon" if key.endswith("recon") else "cross"
-                floor = floors.get(COMPARISON[key], np.zeros(len(flux)))
+                floor = np.zeros(len(flux))
+                if reference is not None and COMPARISON[key] in reference.floors:
+                    source = SOURCE[COMPARISON[key]]
+                    cluster = reference.clusters(source, embedding[source][i : i + 1])[0]
+                    floor = reference.floors[COMPARISON[key]][cluster]
                 z, good = residual_sigma(flux[None], ivar[None], model_flux[None], floor)
-                spectrum.predicted[kind] = model_flux / scale
+                spectrum.predicted[kind] = model_flux
                 spectrum.z[kind] = np.where(good[0], z[0], np.nan)
                 stats = residual_stats(
                     flux[None],
@@ -186,6 +189,21 @@ def star_views(
             )
         )
     return views
+
+
+def _unit_embeddings(st, release, modality, wanted, order, n) -> np.ndarray:
+    """The stars' unit embeddings in one modality (NaN rows where missing)."""
+    try:
+        rows = st.embeddings(
+            modality, release=release, columns=["source_id", "embedding"], source_ids=wanted
+        )
+    except SpecsearchError:
+        return np.full((n, 1), np.nan, np.float32)
+    vectors = column_matrix(rows, "embedding")
+    out = np.full((n, vectors.shape[1]), np.nan, np.float32)
+    position = [order[int(i)] for i in rows.column("source_id").to_numpy()]
+    out[position] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return out
 
 
 def _value(value):
