@@ -13,7 +13,11 @@ fitted on the reference release and applied to the new one:
 - PCA reconstruction error on the same raw spectra (50 components, residual in sigma);
 - local outlier factor on the embeddings (LRS and XP concatenated, novelty mode, k=20).
 
-Also AUROC per S/N tercile (the LRS median S/N per pixel) and the scoring throughput.
+Also: the combinations of the components the score could use (Fisher's sum, chosen; the
+largest component, i.e. the smallest p; the harmonic mean of p; the sum of the three largest),
+each ranked on its own; the calibration (normal stars at or above each score, against the
+number a p-value promises); AUROC per S/N tercile (the LRS median S/N per pixel) and the
+scoring throughput.
 
     python benchmarks/bench_anomaly.py [--n 20000] [--work /tmp/bench-anomaly]
 
@@ -109,6 +113,26 @@ def _one(labels, values, roc, ap) -> dict:
     }
 
 
+def combination_metrics(table, labels: np.ndarray, classes: np.ndarray) -> dict:
+    """The components' -log10 p combined in other ways, ranked alone (calibration is monotone,
+    so it does not change a ranking)."""
+    from specsearch.pipeline.calibration import combine_logp
+    from specsearch.pipeline.score import COMPONENTS
+
+    logp = np.stack(
+        [table.column(f"{c}_logp").to_numpy(zero_copy_only=False) for c in COMPONENTS], axis=1
+    ).astype(np.float64)
+    filled = np.nan_to_num(logp, nan=0.0)
+    ordered = -np.sort(-filled, axis=1)
+    candidates = {
+        "Fisher: sum of -log10 p (chosen)": filled.sum(axis=1),
+        "smallest p (largest -log10 p)": ordered[:, 0],
+        "harmonic mean of p": combine_logp(logp),
+        "sum of the three smallest p": ordered[:, :3].sum(axis=1),
+    }
+    return {name: metrics(labels, classes, values) for name, values in candidates.items()}
+
+
 def raw_spectra(store, release: str) -> tuple[np.ndarray, np.ndarray]:
     """(source_id, X): continuum-normalised LRS with the XP divided by its norm, bad pixels
     filled with 1 (LRS) / the median (XP): the features the raw-spectrum baselines use."""
@@ -201,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     for component in COMPONENTS:
         columns[component] = table.column(f"{component}_logp").to_numpy(zero_copy_only=False)
     rows = {name: metrics(labels, classes, values) for name, values in columns.items()}
+    combinations = combination_metrics(table, labels, classes)
     for name, (base_ids, values, seconds) in baselines(store).items():
         order = np.searchsorted(base_ids, ids)
         found = (order < len(base_ids)) & (base_ids[np.minimum(order, len(base_ids) - 1)] == ids)
@@ -232,6 +257,29 @@ def main(argv: list[str] | None = None) -> None:
         cells.append(f"{r['overall']['p@100']:.2f}")
         cells += [f"{r[c]['auroc']:.3f}" for c in CLASSES]
         print("| " + " | ".join(cells) + " |")
+    print("\nCombinations of the components (each ranked alone; the score uses Fisher's sum):")
+    print("| combination | overall AUROC | AP | p@100 | " + " | ".join(CLASSES) + " |")
+    print("|" + "---|" * (4 + len(CLASSES)))
+    for name, r in combinations.items():
+        cells = [name, f"{r['overall']['auroc']:.3f}", f"{r['overall']['ap']:.3f}"]
+        cells += [f"{r['overall']['p@100']:.2f}", *(f"{r[c]['auroc']:.3f}" for c in CLASSES)]
+        print("| " + " | ".join(cells) + " |")
+    score = columns["combined score"]
+    normal = ~labels
+    calibration = {
+        str(t): {
+            "normal_at_or_above": int(np.sum(score[normal] >= t)),
+            "expected_by_chance": round(float(normal.sum() * 10.0**-t), 1),
+            "anomalies_at_or_above": int(np.sum(score[labels] >= t)),
+        }
+        for t in (2, 3, 4, 5)
+    }
+    print("\nCalibration: normal stars at or above each score (a p-value promises N x 10^-score):")
+    for t, c in calibration.items():
+        print(
+            f"  score >= {t}: {c['normal_at_or_above']} normal (expected {c['expected_by_chance']}),"
+            f" {c['anomalies_at_or_above']} of {int(labels.sum())} anomalies"
+        )
     print("\nAUROC of the combined score per LRS S/N tercile:")
     for key, value in by_snr.items():
         print(f"  {key}: {value['combined score']:.3f} ({value['anomalies']} anomalies)")
@@ -249,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         "anomalies": int(labels.sum()),
         "model": result.releases.get(NEW, {}).get("model_id") or args.model,
         "metrics": rows,
+        "combinations": combinations,
+        "calibration": calibration,
         "auroc_by_snr": by_snr,
         "scoring_stars_per_s": round(rate, 1),
         "scoring_seconds": round(score_s, 2),

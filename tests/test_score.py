@@ -117,6 +117,18 @@ def test_window_peak_finds_a_narrow_feature_the_mean_hides():
     assert stats.peak[1] > 50 and stats.peak[0] < 6
     assert abs(stats.windows[1, 0] - 703) <= 16 and stats.window_mean[1, 0] > 0
     assert stats.windows[0, 0] == -1  # nothing worth naming in the plain spectrum
+    assert stats.window_low[1, 0] <= 700 and stats.window_high[1, 0] >= 705
+
+
+def test_a_broad_residual_is_one_flagged_range():
+    rng = np.random.default_rng(6)
+    m = 1462
+    observed = 1 + 0.01 * rng.normal(size=(1, m))
+    observed[0, 300:800] = 0.0  # a dead segment: 500 pixels of zero flux
+    stats = residual_stats(observed, np.full((1, m), 1e4), np.ones((1, m)), np.zeros(m), (32,), 32)
+    assert abs(stats.window_low[0, 0] - 300) <= 32 and abs(stats.window_high[0, 0] - 799) <= 32
+    assert stats.window_mean[0, 0] < -50  # far less flux than predicted
+    assert stats.windows[0, 1] == -1  # one range, not three windows inside it
 
 
 # --- the stage on a small store
@@ -211,6 +223,8 @@ def test_explanations_name_the_driver_and_the_windows():
     stats = {c: np.array([1.0, 1.0]) for c in COMPONENTS}
     for c in ("recon_lrs", "cross_lrs", "recon_xp", "cross_xp"):
         stats[f"{c}_windows"] = np.array([[1121, -1, -1], [-1, -1, -1]], dtype=np.int32)
+        stats[f"{c}_window_low"] = np.array([[1105, -1, -1], [-1, -1, -1]], dtype=np.int32)
+        stats[f"{c}_window_high"] = np.array([[1136, -1, -1], [-1, -1, -1]], dtype=np.int32)
         stats[f"{c}_window_sigma"] = np.array([[12.0, np.nan, np.nan]] * n, dtype=np.float32)
         stats[f"{c}_window_mean"] = np.array([[-12.0, np.nan, np.nan]] * n, dtype=np.float32)
     logp = {c: np.array([0.1, 0.1]) for c in COMPONENTS}

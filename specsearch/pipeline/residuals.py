@@ -98,16 +98,19 @@ class ResidualStats:
     """Per star statistics of one comparison (observed vs one prediction); NaN where unusable.
 
     chi2: mean z^2 over good pixels. peak: the largest standardised window chi^2,
-    (sum z^2 - n) / sqrt(2 n), over every window of every width. windows: (n, TOP_WINDOWS) pixel
-    centres of the strongest windows at the explanation width whose standardised chi^2 exceeds
-    3 (-1: none); window_sigma: their rms z; window_mean: their mean signed z (> 0: more flux
-    than predicted).
+    (sum z^2 - n) / sqrt(2 n), over every window of every width. At the explanation width,
+    consecutive windows whose standardised chi^2 exceeds 3 merge into flagged ranges; the
+    TOP_WINDOWS strongest ranges per star: windows, their strongest window's centre pixel (-1:
+    none); window_low / window_high, the range's first and last pixel; window_sigma, its rms z;
+    window_mean, its mean signed z (> 0: more flux than predicted).
     """
 
     chi2: np.ndarray
     peak: np.ndarray
     n_good: np.ndarray
     windows: np.ndarray
+    window_low: np.ndarray
+    window_high: np.ndarray
     window_sigma: np.ndarray
     window_mean: np.ndarray
 
@@ -139,12 +142,14 @@ def residual_stats(
             )
         peak = np.maximum(peak, standard.max(axis=1) if standard.shape[1] else peak)
     peak = np.where(np.isfinite(peak) & (n_good > 0), peak, np.nan)
-    windows, sigma, mean = _top_windows(*sums[explain_width], explain_width)
+    windows, low, high, sigma, mean = _top_ranges(*sums[explain_width], explain_width, m)
     return ResidualStats(
         chi2.astype(np.float32),
         peak.astype(np.float32),
         n_good.astype(np.int32),
         windows,
+        low,
+        high,
         sigma,
         mean,
     )
@@ -172,35 +177,34 @@ def _window_sums(
     return out
 
 
-def _top_windows(
-    s2: np.ndarray, count: np.ndarray, s1: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The TOP_WINDOWS strongest non-overlapping windows per star with a standardised chi^2
-    above 3: (centre pixel, rms z, mean z), (n, TOP_WINDOWS); centre -1 where there are fewer."""
+def _top_ranges(
+    s2: np.ndarray, count: np.ndarray, s1: np.ndarray, width: int, n_pixels: int
+) -> tuple[np.ndarray, ...]:
+    """The TOP_WINDOWS strongest flagged ranges per star (runs of consecutive windows with a
+    standardised chi^2 above 3): (peak centre, first pixel, last pixel, rms z, mean z), each
+    (n, TOP_WINDOWS); -1 / NaN where a star has fewer."""
     n, k = s2.shape
     with np.errstate(invalid="ignore", divide="ignore"):
         standard = np.where(
             count >= width / 2, (s2 - count) / np.sqrt(2 * np.maximum(count, 1)), -np.inf
         )
-        mean = np.where(count > 0, s1 / np.maximum(count, 1), np.nan)
-        rms = np.where(count > 0, np.sqrt(s2 / np.maximum(count, 1)), np.nan)
-    standard = np.where(standard > 3.0, standard, -np.inf)  # only windows worth naming
     step = max(width // 2, 1)
-    centres = np.full((n, TOP_WINDOWS), -1, dtype=np.int32)
-    sigma = np.full((n, TOP_WINDOWS), np.nan, dtype=np.float32)
-    signed = np.full((n, TOP_WINDOWS), np.nan, dtype=np.float32)
-    rows = np.arange(n)
-    work = standard.copy()
-    for j in range(TOP_WINDOWS):
-        if not k:
-            break
-        best = work.argmax(axis=1)
-        value = work[rows, best]
-        found = np.isfinite(value)
-        centres[found, j] = best[found] * step + width // 2
-        sigma[found, j] = rms[rows, best][found]
-        signed[found, j] = mean[rows, best][found]
-        for offset in (-1, 0, 1):  # neighbouring windows overlap this one: not again
-            column = np.clip(best + offset, 0, k - 1)
-            work[rows, column] = -np.inf
-    return centres, sigma, signed
+    shape = (n, TOP_WINDOWS)
+    centre, low, high = (np.full(shape, -1, np.int32) for _ in range(3))
+    rms, mean = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    flagged = standard > 3.0
+    for i in np.flatnonzero(flagged.any(axis=1)):
+        # runs of consecutive flagged windows: [start, stop) in window numbers
+        edges = np.diff(np.concatenate([[0], flagged[i].astype(np.int8), [0]]))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        strength = [standard[i, a:b].max() for a, b in zip(starts, stops, strict=True)]
+        for j, r in enumerate(np.argsort(strength)[::-1][:TOP_WINDOWS]):
+            a, b = starts[r], stops[r]
+            best = a + int(np.argmax(standard[i, a:b]))
+            pixels = count[i, a:b].sum()  # windows overlap by half: z counted twice, evenly
+            centre[i, j] = best * step + width // 2
+            low[i, j] = a * step
+            high[i, j] = min((b - 1) * step + width, n_pixels) - 1
+            rms[i, j] = np.sqrt(s2[i, a:b].sum() / max(pixels, 1))
+            mean[i, j] = s1[i, a:b].sum() / max(pixels, 1)
+    return centre, low, high, rms, mean

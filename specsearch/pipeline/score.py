@@ -317,7 +317,8 @@ def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray
         if result is None:
             stats[component] = np.full(n, np.nan, np.float32)
             stats[f"{component}_peak"] = np.full(n, np.nan, np.float32)
-            stats[f"{component}_windows"] = np.full((n, TOP_WINDOWS), -1, np.int32)
+            for name in ("windows", "window_low", "window_high"):
+                stats[f"{component}_{name}"] = np.full((n, TOP_WINDOWS), -1, np.int32)
             stats[f"{component}_window_sigma"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
             stats[f"{component}_window_mean"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
             continue
@@ -327,6 +328,8 @@ def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray
         stats[component] = np.where(usable, result.chi2, np.nan).astype(np.float32)
         stats[f"{component}_peak"] = np.where(usable, result.peak, np.nan).astype(np.float32)
         stats[f"{component}_windows"] = result.windows
+        stats[f"{component}_window_low"] = result.window_low
+        stats[f"{component}_window_high"] = result.window_high
         stats[f"{component}_window_sigma"] = result.window_sigma
         stats[f"{component}_window_mean"] = result.window_mean
     for space in KNN_SPACES:
@@ -716,18 +719,29 @@ def _windows_text(stats: dict[str, np.ndarray], logp: dict[str, np.ndarray]) -> 
             continue
         modality, _ = COMPARISONS[component]
         centres = stats[f"{component}_windows"][rows]
+        lows = pixel_wavelength(modality, stats[f"{component}_window_low"][rows])
+        highs = pixel_wavelength(modality, stats[f"{component}_window_high"][rows])
         sigma = stats[f"{component}_window_sigma"][rows]
         mean = stats[f"{component}_window_mean"][rows]
         waves = pixel_wavelength(modality, centres)
         names = np.array(nearest_feature(modality, waves.ravel())).reshape(waves.shape)
         unit, scale = ("A", 1.0) if modality == "lrs" else ("nm", 0.1)
+        narrow = 2.5 * EXPLAIN_WIDTH[modality]  # pixels: wider ranges are given as ranges
+        span = stats[f"{component}_window_high"][rows] - stats[f"{component}_window_low"][rows]
         for i, row in enumerate(rows):
-            items = [
-                f"{names[i, w]} at {waves[i, w] * scale:.0f} {unit} "
-                f"({'+' if mean[i, w] > 0 else '-'}{sigma[i, w]:.1f}σ)"
-                for w in range(TOP_WINDOWS)
-                if centres[i, w] >= 0 and np.isfinite(sigma[i, w])
-            ]
+            items = []
+            for w in range(TOP_WINDOWS):
+                if centres[i, w] < 0 or not np.isfinite(sigma[i, w]):
+                    continue
+                strength = f"{'+' if mean[i, w] > 0 else '-'}{sigma[i, w]:.1f}σ"
+                if span[i, w] <= narrow:
+                    where = f"{names[i, w]} at {waves[i, w] * scale:.0f} {unit}"
+                else:
+                    where = (
+                        f"{lows[i, w] * scale:.0f}-{highs[i, w] * scale:.0f} {unit} "
+                        f"(peak near {names[i, w]})"
+                    )
+                items.append(f"{where} ({strength})")
             if items:
                 texts[row] = f"{component}: " + "; ".join(items)
     return texts

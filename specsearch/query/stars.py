@@ -216,27 +216,24 @@ def _catalog(rows, i: int) -> dict[str, Any]:
 
 
 def _windows(modality: str, kind: str, stats) -> list[Window]:
-    from ..pipeline.score import EXPLAIN_WIDTH
-
     out = []
-    width = EXPLAIN_WIDTH[modality]
-    for centre, sigma, mean in zip(
-        stats.windows[0], stats.window_sigma[0], stats.window_mean[0], strict=True
-    ):
+    scale = 1.0 if modality == "lrs" else 0.1  # A -> the spectrum's own unit
+    for j in range(stats.windows.shape[1]):
+        centre, sigma = stats.windows[0, j], stats.window_sigma[0, j]
         if centre < 0 or not np.isfinite(sigma):
             continue
-        low, high = pixel_wavelength(modality, [centre - width // 2, centre + width // 2])
-        wave = float(pixel_wavelength(modality, [centre])[0])
-        scale = 1.0 if modality == "lrs" else 0.1  # A -> the spectrum's own unit
+        low, high, wave = pixel_wavelength(
+            modality, [stats.window_low[0, j], stats.window_high[0, j], centre]
+        )
         out.append(
             Window(
                 modality,
                 kind,
                 float(low) * scale,
                 float(high) * scale,
-                wave * scale,
+                float(wave) * scale,
                 float(sigma),
-                "+" if mean > 0 else "-",
+                "+" if stats.window_mean[0, j] > 0 else "-",
                 nearest_feature(modality, [wave])[0],
             )
         )
