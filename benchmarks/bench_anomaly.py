@@ -21,8 +21,9 @@ scoring throughput.
 
     python benchmarks/bench_anomaly.py [--n 20000] [--work /tmp/bench-anomaly]
 
-The simulated stores are kept under --work and reused (delete it to start afresh). Prints one
-table and writes benchmarks/results/anomaly.json.
+The simulated and embedded stores are kept under --work and reused (delete it to start afresh);
+the scores are always computed afresh. Prints the tables and writes
+benchmarks/results/anomaly.json.
 """
 
 from __future__ import annotations
@@ -191,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=20_000, help="stars per release")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-anomaly"))
     parser.add_argument("--model", default="default")
-    parser.add_argument("--rescore", action="store_true", help="drop earlier scores first")
     args = parser.parse_args(argv)
 
     import pyarrow.parquet as pq
@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     store_path = build_store(work, args.n, args.model)
     store = Store(store_path)
-    if args.rescore:
-        shutil.rmtree(store.reference_dir(), ignore_errors=True)
-        manifest = store.read_manifest()
-        manifest.pop("scores", None)
-        store.write_manifest(manifest)
+    # scores of an earlier run are dropped: the run measures calibration and scoring afresh
+    shutil.rmtree(store.reference_dir(), ignore_errors=True)
+    manifest = store.read_manifest()
+    manifest.pop("scores", None)
+    store.write_manifest(manifest)
     t0 = time.perf_counter()
     calibrated = score_store(store, release=REFERENCE, reference=REFERENCE, show_progress=False)
     calibration_s = time.perf_counter() - t0
