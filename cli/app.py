@@ -207,6 +207,10 @@ def search(
     format: FormatOpt = "table",
     output: OutputOpt = None,
     model: Annotated[str, typer.Option(help="Model id, to encode a --spectrum query.")] = "default",
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also draw the query with its neighbours overlaid into this PNG."),
+    ] = None,
 ) -> None:
     """The k nearest neighbours of a star, in-modal or cross-modal."""
     import numpy as np
@@ -227,6 +231,13 @@ def search(
         store, source_ids=ids, spectrum=spectrum, modality=modality, target=target, k=k, model=model
     )
     elapsed = time.perf_counter() - start
+    if plot is not None:
+        from specsearch.api import SearchResult
+        from specsearch.store import Store
+        from specsearch.surveys.sources import read_source
+
+        query_rows = read_source(spectrum)[0] if spectrum is not None else None
+        SearchResult(table, "", Store.open(store), query_rows).plot(plot)
     target = target or modality
     title = (
         f"{k} nearest {target.upper()} neighbours of a {modality.upper()} query "
@@ -238,6 +249,105 @@ def search(
             shown.insert(0, "query_id")
         table = table.select(shown)
     emit(table, format, output, title=title, summary=False)
+    if plot is not None:
+        typer.echo(f"plot written to {plot}", err=format != "table" and output is None)
+
+
+@app.command()
+@one_line_errors
+def show(
+    store: StoreOpt,
+    source_id: Annotated[int, typer.Option("--source-id", help="Gaia source_id of the star.")],
+    release: Annotated[
+        str | None, typer.Option(help="Release to look at (default: the star's latest).")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw its spectra, predictions and components here (PNG).")
+    ] = None,
+) -> None:
+    """One star: its score, explanation and components; with --plot, its spectra, the model's
+    reconstructions and cross-predictions, residuals and component bars."""
+    from specsearch.api import open_store
+
+    star = open_store(store).show(source_id, release=release)
+    score = star.view.score or {}
+    typer.echo(
+        f"source_id {source_id} ({star.view.release}): "
+        + (
+            f"score {score['score']:.2f}, rank {score['rank']}, {score['modality_tag']}; "
+            f"{score['explanation']}"
+            if score.get("score") is not None
+            else "not scored"
+        )
+    )
+    emit(
+        star.table,
+        "table",
+        None,
+        title="components (-log10 p against the reference)",
+        summary=False,
+    )
+    if plot is not None:
+        star.plot(plot)
+        typer.echo(f"plot written to {plot}")
+
+
+@app.command()
+@one_line_errors
+def mark(
+    store: StoreOpt,
+    source_ids: Annotated[
+        list[int] | None, typer.Argument(help="The stars' Gaia source_ids.", show_default=False)
+    ] = None,
+    what: Annotated[
+        str | None, typer.Option("--as", help="boring, artefact or interesting.")
+    ] = None,
+    note: Annotated[str, typer.Option(help="Why.")] = "",
+    user: Annotated[str | None, typer.Option(help="Who (default: the login name).")] = None,
+    release: Annotated[str | None, typer.Option(help="The release you looked at.")] = None,
+    import_file: Annotated[
+        Path | None,
+        typer.Option("--import", help="CSV or Parquet of marks (source_id, mark[, note, user])."),
+    ] = None,
+) -> None:
+    """Mark stars boring, artefact or interesting: the next reports rank stars like the boring
+    ones lower (scores never change) and list the stars like the interesting ones."""
+    from specsearch.query.triage import import_marks
+    from specsearch.query.triage import mark as add_marks
+
+    if import_file is not None:
+        if source_ids or what:
+            raise SpecsearchError("give --import alone, or source_ids with --as")
+        typer.echo(f"imported {import_marks(store, import_file)} marks from {import_file}")
+        return
+    if not source_ids or what is None:
+        raise SpecsearchError("give the stars' source_ids and --as boring|artefact|interesting")
+    held = add_marks(store, source_ids, what, note=note, user=user, release=release)
+    typer.echo(f"marked {len(source_ids)} star(s) {what}; the store holds {held} mark(s)")
+
+
+@app.command()
+@one_line_errors
+def triage(
+    store: StoreOpt,
+    release: Annotated[
+        str | None, typer.Option(help="Release (default: the latest scored).")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Rows shown.")] = 20,
+    format: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """The anomalies of a release ranked after triage: stars marked boring or artefact, and
+    the stars like them, pushed down with the reason; the stored scores are unchanged."""
+    from specsearch.api import open_store
+
+    result = open_store(store).scores(release, top=top)
+    columns = ["adjusted_rank", "rank", "source_id", "score", "adjusted_score", "mark", "triage"]
+    if format == "table":
+        table = result.table.select(columns + ["driver", "modality_tag"])
+    else:
+        table = result.table.drop_columns(["signature"])
+    emit(table, format, output, title=result.title + " after triage", summary=False)
 
 
 @app.command()

@@ -161,6 +161,8 @@ SCORES_SCHEMA = pa.schema(
         for c in ("recon_lrs", "cross_lrs", "recon_xp", "cross_xp")
     ]
     + [
+        # the shape of the residuals (48 bins, unit vector): what triage compares
+        pa.field("signature", pa.list_(pa.float16(), 48)),
         pa.field("snr_lrs", pa.float32()),  # median S/N per pixel, for context
         pa.field("snr_xp", pa.float32()),
         pa.field("reference", pa.string()),  # the release the calibration was frozen on
@@ -169,6 +171,21 @@ SCORES_SCHEMA = pa.schema(
 )
 """One row per star of a scored release; each component's raw statistic and its -log10 p
 against the frozen reference (``*_logp``), the window peaks of the residual components."""
+
+MARKS = ("boring", "interesting", "artefact")
+"""What a user may say of a star when triaging anomalies."""
+
+MARKS_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("release", pa.string()),  # the release the star was looked at in (or null)
+        pa.field("mark", pa.string(), nullable=False),  # one of MARKS
+        pa.field("note", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
+    ]
+)
+"""The user's marks: every mark ever made (the latest per star counts); scores never change."""
 
 TRUTH_SCHEMA = pa.schema(
     [

@@ -12,6 +12,7 @@ Layout::
     STORE/scores/release=R/neighbors.parquet               kNN graph (schema.NEIGHBORS_SCHEMA)
     STORE/scores/reference.json                            the frozen calibration of the scores
     STORE/reports/release=R/                               nightly reports
+    STORE/marks/marks.parquet                              the users' triage marks
     STORE/.scratch/                                        work folders of running stages
 
 Every file is written to a temporary name in the same directory and renamed into place; the
@@ -52,7 +53,14 @@ from .files import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from .schema import MODALITIES, REJECTS_SCHEMA, SHARD_SCHEMA, check_modality, check_release
+from .schema import (
+    MARKS_SCHEMA,
+    MODALITIES,
+    REJECTS_SCHEMA,
+    SHARD_SCHEMA,
+    check_modality,
+    check_release,
+)
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = 1
@@ -457,6 +465,31 @@ class Store:
     def release_entry(self, release: str) -> dict[str, Any] | None:
         """The manifest entry of an ingested release (None: not in the store)."""
         return self.read_manifest().get("releases", {}).get(release)
+
+    # ------------------------------------------------------------------ marks
+
+    def marks_path(self) -> Path:
+        return self.root / "marks" / "marks.parquet"
+
+    def read_marks(self) -> pa.Table:
+        """Every mark ever made (MARKS_SCHEMA), oldest first; empty before the first."""
+        path = self.marks_path()
+        if not path.exists():
+            return MARKS_SCHEMA.empty_table()
+        return pq.read_table(path).cast(MARKS_SCHEMA)
+
+    def add_marks(self, marks: pa.Table) -> int:
+        """Append marks (MARKS_SCHEMA rows) to the marks table; returns how many it holds."""
+        table = pa.concat_tables(
+            [self.read_marks(), marks.select(MARKS_SCHEMA.names).cast(MARKS_SCHEMA)]
+        )
+        write_parquet_atomic(table, self.marks_path())
+        self._update_manifest(
+            "marks",
+            "marks.parquet",
+            {"rows": table.num_rows, "sha256": file_sha256(self.marks_path())},
+        )
+        return table.num_rows
 
     # ------------------------------------------------------------------ indexes
 

@@ -61,14 +61,3 @@ def tiny_model(tmp_path_factory):
     for head in model.label_heads.values():
         head.set_scaler([5000.0, 4.0, 0.0, 0.1], [1000.0, 1.0, 0.5, 0.1])
     return save_model(model.eval(), tmp_path_factory.mktemp("models") / "tiny-test-model")
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """The demo, run once per session: two nights of the bundled sample through nightly."""
-    from specsearch.pipeline.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo") / "out"
-    shown = []
-    result = run_demo(out, show=shown.append)
-    return out, result, shown

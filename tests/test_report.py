@@ -14,20 +14,10 @@ from typer.testing import CliRunner
 
 from specsearch.cli.app import app
 from specsearch.pipeline.demo import sample_dir
-from specsearch.pipeline.report import new_above_threshold
+from specsearch.pipeline.report import HEADLESS_CHROMIUM, new_above_threshold
 from specsearch.store import Store
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _truth() -> dict[int, str]:
@@ -97,7 +87,7 @@ def test_report_renders_in_chromium_with_every_image(demo_run, tmp_path):
     dom = subprocess.run(
         [
             _chromium(),
-            *CHROMIUM_FLAGS,
+            *HEADLESS_CHROMIUM,
             f"--user-data-dir={tmp_path / 'profile'}",
             "--virtual-time-budget=10000",
             "--dump-dom",
@@ -116,7 +106,7 @@ def test_report_renders_in_chromium_with_every_image(demo_run, tmp_path):
     subprocess.run(
         [
             _chromium(),
-            *CHROMIUM_FLAGS,
+            *HEADLESS_CHROMIUM,
             f"--user-data-dir={tmp_path / 'profile2'}",
             "--window-size=1280,900",
             f"--screenshot={shot}",

@@ -210,6 +210,7 @@ def _report_key(st: Store, release: str, since: str | None, top: int, threshold:
         "since_scores": (st.score_entry(since) or {}).get("fingerprint") if since else None,
         "top": top,
         "threshold": threshold,
+        "marks": st.read_manifest().get("marks"),  # new marks re-rank the report
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -36,6 +36,19 @@ from ..store import Store
 from .score import COMPONENTS, default_threshold
 
 HTML_FILE = "report.html"
+HEADLESS_CHROMIUM = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+"""Flags that let Chromium render a report offline, headless, without reaching the network
+(what the browser test and the screenshots in docs/ use: ``chromium *HEADLESS_CHROMIUM ...``)."""
 TABLE_FILE = "top_anomalies"
 TOP = 50
 
@@ -85,8 +98,13 @@ def new_above_threshold(store: Store, release: str, since: str, threshold: float
 
 
 def top_table(store: Store, release: str, top: int) -> pa.Table:
-    """The top anomalies: their score rows plus catalog columns and predicted labels."""
-    scores = _scores(store, release).sort_by("rank").slice(0, top)
+    """The top anomalies after triage (``query.triage.triaged``: the users' marks push stars
+    down; the stored scores are untouched): their score rows, their mark, adjusted score and
+    rank and the reason, plus catalog columns and predicted labels."""
+    from ..query.triage import triaged
+
+    scores = triaged(store, release, _scores(store, release)).slice(0, top)
+    scores = scores.drop_columns(["signature"])  # for triage; a table of numbers is kinder
     ids = scores.column("source_id").to_numpy()
     catalog = store.read_shards(
         columns=["source_id", "obsid", *LABELS], source_ids=ids, release=release
@@ -106,7 +124,7 @@ def top_table(store: Store, release: str, top: int) -> pa.Table:
             ["source_id", *(f"{modality}_pred_{label}" for label in LABELS)]
         )
         table = table.join(renamed, "source_id", join_type="left outer")
-    return table.sort_by("rank")
+    return table.sort_by("adjusted_rank")
 
 
 def write_report(
@@ -130,6 +148,8 @@ def write_report(
     from ..query.stars import star_views
 
     start = time.perf_counter()
+    from ..query.triage import more_like
+
     st = Store.open(store)
     if top < 1:
         raise SpecsearchError(f"--top must be at least 1, not {top}")
@@ -173,7 +193,18 @@ def write_report(
     rejects = Counter(st.rejects(release).column("reason").to_pylist())
     page = _page(
         _Page(
-            st, release, scores, table, entry, threshold, since, fresh, rejects, command, sections
+            st,
+            release,
+            scores,
+            table,
+            entry,
+            threshold,
+            since,
+            fresh,
+            rejects,
+            command,
+            sections,
+            more_like(st, release),
         ),
         {"histogram": histogram, "drivers": driver_png, "tags": tag_png},
         {"drivers": drivers, "tags": tags},
@@ -301,6 +332,7 @@ class _Page:
     rejects: Counter
     command: str | None
     sections: list[str]
+    more_like: dict[int, pa.Table]
 
 
 def _page(page: _Page, figures: dict[str, str], counts: dict[str, Counter]) -> str:
@@ -320,6 +352,26 @@ def _page(page: _Page, figures: dict[str, str], counts: dict[str, Counter]) -> s
         page.command,
     )
     columns = ["rank", "source_id", "score", "driver", "modality_tag", "windows"]
+    marked = table.filter(pc.is_valid(table.column("mark"))).num_rows > 0 or any(
+        table.column("triage").to_pylist()
+    )
+    top_columns = (
+        ["adjusted_rank", "rank", "source_id", "score", "adjusted_score", "mark", "triage"]
+        + ["driver", "modality_tag", "windows"]
+        if marked
+        else columns
+    )
+    more_html = ""
+    if page.more_like:
+        parts = [
+            f"<h3>Like {seed} (marked interesting)</h3>"
+            + _rows_html(like, ["source_id", "similarity", "score", "rank", "driver"], link=True)
+            for seed, like in page.more_like.items()
+        ]
+        more_html = (
+            "<h2>More like this</h2><p>The nearest unmarked stars of this release to each star "
+            "marked interesting.</p>" + "".join(parts)
+        )
     new_html = ""
     if since:
         new_html = (
@@ -349,7 +401,9 @@ th {{ background: #f3f3f3; }}
 <h1>Anomaly report: release {html.escape(release)}</h1>
 <p class="meta">store {html.escape(str(st.root))}; model {html.escape(entry["model_id"])};
 calibrated on release {html.escape(entry["reference"])}; scored {html.escape(entry["scored"])};
-report written {created}<br>{html.escape(_versions())}<br>command: <code>{html.escape(run)}</code></p>
+report written {created}<br>{html.escape(_versions())}<br>command: <code>{
+        html.escape(run)
+    }</code></p>
 <h2>Summary</h2>
 <p><b>{scores.num_rows:,}</b> stars scored; <b>{above:,}</b> at or above score
 {threshold:g} (p &lt; 10<sup>-{threshold:g}</sup> against the reference release; at that
@@ -365,7 +419,14 @@ more often instrumental; <b>both</b>: both spectra are unusual, more often astro
 <b>pair</b>: each spectrum looks normal but they disagree (a mismatched pair, or a companion).</p>
 {new_html}
 <h2>Top {table.num_rows} anomalies</h2>
-{_rows_html(table, columns, link=True)}
+{
+        "<p class='meta'>Ranked after triage: stars marked boring or artefact, and the stars like "
+        "them, are pushed down (the reason is in <b>triage</b>); the stored scores are unchanged.</p>"
+        if marked
+        else ""
+    }
+{_rows_html(table, top_columns, link=True)}
+{more_html}
 <p class="meta">Also in <code>{TABLE_FILE}.parquet</code> and <code>{TABLE_FILE}.csv</code> beside
 this page, with every component and the catalog and predicted labels.</p>
 <h2>The stars</h2>

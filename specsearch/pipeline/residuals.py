@@ -113,6 +113,7 @@ class ResidualStats:
     window_high: np.ndarray
     window_sigma: np.ndarray
     window_mean: np.ndarray
+    binned: np.ndarray | None = None  # (n, bins) mean z in equal pixel bins: the residual's shape
 
 
 def residual_stats(
@@ -122,8 +123,10 @@ def residual_stats(
     floor: np.ndarray,
     widths: tuple[int, ...],
     explain_width: int,
+    bins: int = 0,
 ) -> ResidualStats:
-    """Mean, window-peak and strongest windows of z for a batch (see ResidualStats).
+    """Mean, window-peak and strongest windows of z for a batch (see ResidualStats), and with
+    ``bins`` the mean z in that many equal pixel bins (0 where a bin has no good pixel).
 
     Windows of each width step by half a width; a window needs at least half its pixels good.
     """
@@ -143,6 +146,12 @@ def residual_stats(
         peak = np.maximum(peak, standard.max(axis=1) if standard.shape[1] else peak)
     peak = np.where(np.isfinite(peak) & (n_good > 0), peak, np.nan)
     windows, low, high, sigma, mean = _top_ranges(*sums[explain_width], explain_width, m)
+    binned = None
+    if bins:
+        edges = np.linspace(0, m, bins + 1).astype(int)
+        total = np.add.reduceat(z, edges[:-1], axis=1)
+        count = np.add.reduceat(good, edges[:-1], axis=1)
+        binned = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
     return ResidualStats(
         chi2.astype(np.float32),
         peak.astype(np.float32),
@@ -152,6 +161,7 @@ def residual_stats(
         high,
         sigma,
         mean,
+        binned,
     )
 
 

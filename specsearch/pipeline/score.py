@@ -110,6 +110,9 @@ KNN_SPACES = ("lrs", "xp", "pair")
 PATTERNS = ("both", "lrs", "xp")
 """Which spectra a star has: the combined statistic is calibrated separately for each."""
 WIDTHS = {"lrs": (8, 32, 128), "xp": (5, 20, 80)}
+SIGNATURE_BINS = {"lrs": 16, "xp": 8}
+"""Bins of the residual signature: the shape of how a star departs from the model, per
+comparison (48 numbers in all), which triage compares to say "anomalous in the same way"."""
 EXPLAIN_WIDTH = {"lrs": 32, "xp": 20}
 KNN_K = 10
 FLOOR_STARS = 10_000
@@ -252,6 +255,7 @@ def _comparison(batch: Batch, component: str, floor: np.ndarray | None) -> Resid
         np.zeros(width) if floor is None else floor,
         WIDTHS[modality],
         EXPLAIN_WIDTH[modality],
+        SIGNATURE_BINS[modality],
     )
 
 
@@ -321,6 +325,8 @@ def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray
                 stats[f"{component}_{name}"] = np.full((n, TOP_WINDOWS), -1, np.int32)
             stats[f"{component}_window_sigma"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
             stats[f"{component}_window_mean"] = np.full((n, TOP_WINDOWS), np.nan, np.float32)
+            bins = SIGNATURE_BINS[COMPARISONS[component][0]]
+            stats[f"{component}_binned"] = np.zeros((n, bins), np.float32)
             continue
         modality, _ = COMPARISONS[component]
         other = "xp" if modality == "lrs" else "lrs"
@@ -332,6 +338,9 @@ def batch_statistics(batch: Batch, reference: Reference) -> dict[str, np.ndarray
         stats[f"{component}_window_high"] = result.window_high
         stats[f"{component}_window_sigma"] = result.window_sigma
         stats[f"{component}_window_mean"] = result.window_mean
+        stats[f"{component}_binned"] = np.where(usable[:, None], result.binned, 0.0).astype(
+            np.float32
+        )
     for space in KNN_SPACES:
         stats[f"knn_{space}"] = _knn_distance(reference, batch, space)
     lrs_ivar = batch.observed["lrs_ivar"]
@@ -807,6 +816,7 @@ def scores_table(
         columns[f"{component}_logp"] = logp[component].astype(np.float32)
     for component in COMPARISONS:
         columns[f"{component}_peak"] = stats[f"{component}_peak"]
+    columns["signature"] = residual_signature(stats)
     columns["snr_lrs"] = stats["snr_lrs"]
     columns["snr_xp"] = stats["snr_xp"]
     columns["reference"] = [reference.release] * n
@@ -818,8 +828,23 @@ def scores_table(
             mask=_nan_mask(columns[f.name]) if pa.types.is_floating(f.type) else None,
         )
         for f in SCORES_SCHEMA
+        if f.name != "signature"
     }
+    signature = columns["signature"]
+    arrays["signature"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(signature.astype(np.float16).ravel(), pa.float16()), signature.shape[1]
+    )
     return pa.table(arrays, schema=SCORES_SCHEMA).sort_by("source_id")
+
+
+def residual_signature(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Each star's residual signature: the binned mean z of its four comparisons side by side,
+    each squashed by arcsinh (so one huge residual does not drown the rest), as a unit vector
+    (zeros where a star has no residual at all). (n, 48) float32."""
+    parts = [np.arcsinh(stats[f"{c}_binned"].astype(np.float64)) for c in COMPARISONS]
+    signature = np.hstack(parts)
+    norm = np.linalg.norm(signature, axis=1, keepdims=True)
+    return (signature / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 def _nan_mask(values) -> np.ndarray | None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
@@ -281,4 +283,64 @@ def _neighbour_spectra(st: Store, graph: dict) -> dict[str, dict[int, np.ndarray
             out["lrs"][int(nid)] = lrs[j]
         if np.isfinite(xp[j]).any():
             out["xp"][int(nid)] = xp[j]
+    return out
+
+
+def search_plot_data(
+    store: str | os.PathLike | Store, result: pa.Table, query_rows: pa.Table | None = None
+) -> tuple[dict, list[dict], str]:
+    """What ``plots.search_figure`` draws for a search result (its first query): the query's
+    spectra (``query_rows`` for a file query, else its current row in the store) and each
+    neighbour's, normalised as the store's plots are, with labels and similarities."""
+    st = Store.open(store)
+    query_id = int(result.column("query_id")[0].as_py())
+    rows = result.filter(pc.equal(result.column("query_id"), query_id)).sort_by("rank")
+    ids = rows.column("neighbor_id").to_numpy()
+    if query_rows is None:
+        query_rows = st.read_shards(
+            columns=["source_id", "lrs_flux", "xp_flux"], source_ids=np.array([query_id])
+        )
+    query = _normalised_spectra(query_rows)[0] if query_rows.num_rows else {}
+    found = st.read_shards(
+        columns=["source_id", "lrs_flux", "xp_flux", "teff", "logg", "fe_h"], source_ids=ids
+    )
+    spectra = dict(
+        zip(found.column("source_id").to_pylist(), _normalised_spectra(found), strict=True)
+    )
+    labels = {
+        row["source_id"]: row
+        for row in found.select(["source_id", "teff", "logg", "fe_h"]).to_pylist()
+    }
+    neighbours = [
+        {
+            "source_id": int(nid),
+            "similarity": float(sim),
+            "labels": labels.get(int(nid), {}),
+            "spectra": spectra.get(int(nid), {}),
+        }
+        for nid, sim in zip(ids, rows.column("similarity").to_numpy(), strict=True)
+    ]
+    modality = rows.column("query_modality")[0].as_py()
+    target = rows.column("target_modality")[0].as_py()
+    title = (
+        f"{len(ids)} nearest {target.upper()} neighbours of {query_id} "
+        f"(query: its {modality.upper()} spectrum)"
+    )
+    return query, neighbours, title
+
+
+def _normalised_spectra(rows: pa.Table) -> list[dict[str, np.ndarray]]:
+    """Per row {modality: flux}: LRS as stored (continuum-normalised), XP over its norm."""
+    lrs = column_matrix(rows, "lrs_flux")
+    xp = column_matrix(rows, "xp_flux")
+    with np.errstate(all="ignore"):
+        xp = xp / xp_norm(xp)[:, None]
+    out = []
+    for i in range(rows.num_rows):
+        spectra = {}
+        if np.isfinite(lrs[i]).any():
+            spectra["lrs"] = lrs[i]
+        if np.isfinite(xp[i]).any():
+            spectra["xp"] = xp[i]
+        out.append(spectra)
     return out
