@@ -59,13 +59,22 @@ def not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'specsearch {command}' is not built yet ({issue})")
 
 
-def emit(data, fmt: str, output: Path | None, title: str | None = None, summary: bool = True):
-    """Print a result (Arrow table or DuckDB relation) to stdout, or write it to ``output``,
-    followed by a one-line row count (on stderr when csv/json data went to stdout)."""
+def emit(
+    data,
+    fmt: str | None,
+    output: Path | None,
+    title: str | None = None,
+    summary: bool = True,
+    store: Path | None = None,
+):
+    """Print a result (Arrow table or DuckDB relation) to stdout, or write it to ``output``
+    (never inside ``store``; the format from its suffix unless given), followed by a one-line
+    row count (on stderr when csv/json data went to stdout)."""
     import pyarrow as pa
 
-    from specsearch.query.output import emit_relation, emit_table, rows_summary
+    from specsearch.query.output import emit_relation, emit_table, output_format, rows_summary
 
+    fmt = output_format(fmt, output, store)
     writer = emit_table if isinstance(data, pa.Table) else emit_relation
     rows = writer(data, fmt, output, title=title, stream=sys.stdout)
     if not summary:
@@ -77,7 +86,13 @@ def emit(data, fmt: str, output: Path | None, title: str | None = None, summary:
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
 ReleaseOpt = Annotated[str | None, typer.Option("--release", help="Data-release name.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="table, csv, json or parquet (default: from the suffix of --output, else table).",
+    ),
+]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write results here.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Model id or directory.")]
 
@@ -183,9 +198,14 @@ def index_build(
 ) -> None:
     """Build FAISS indexes over the store's embeddings."""
     from specsearch.indexes import DEFAULT_TARGET_RECALL, build_store_indexes
+    from specsearch.store import Store
 
     recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
-    typer.echo(build_store_indexes(store, modality=modality, factory=factory, target_recall=recall))
+    with Store.open(store).writing("index build") as opened:
+        result = build_store_indexes(
+            opened, modality=modality, factory=factory, target_recall=recall
+        )
+    typer.echo(result)
 
 
 @app.command()
@@ -204,7 +224,7 @@ def search(
         str | None, typer.Option(help="Modality of the results (default: same).")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 10,
-    format: FormatOpt = "table",
+    format: FormatOpt = None,
     output: OutputOpt = None,
     model: Annotated[str, typer.Option(help="Model id, to encode a --spectrum query.")] = "default",
     plot: Annotated[
@@ -243,12 +263,12 @@ def search(
         f"{k} nearest {target.upper()} neighbours of a {modality.upper()} query "
         f"({elapsed * 1000:.0f} ms)"
     )
-    if format == "table":  # the screen gets the columns a reader scans; files get every column
+    if format in (None, "table") and output is None:  # the screen gets what a reader scans
         shown = ["rank", "neighbor_id", "similarity", "release", *LABELS]
         if len(np.unique(table.column("query_id").to_numpy())) > 1:
             shown.insert(0, "query_id")
         table = table.select(shown)
-    emit(table, format, output, title=title, summary=False)
+    emit(table, format, output, title=title, summary=False, store=store)
     if plot is not None:
         typer.echo(f"plot written to {plot}", err=format != "table" and output is None)
 
@@ -334,7 +354,7 @@ def triage(
         str | None, typer.Option(help="Release (default: the latest scored).")
     ] = None,
     top: Annotated[int, typer.Option(help="Rows shown.")] = 20,
-    format: FormatOpt = "table",
+    format: FormatOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """The anomalies of a release ranked after triage: stars marked boring or artefact, and
@@ -343,11 +363,11 @@ def triage(
 
     result = open_store(store).scores(release, top=top)
     columns = ["adjusted_rank", "rank", "source_id", "score", "adjusted_score", "mark", "triage"]
-    if format == "table":
+    if format in (None, "table") and output is None:
         table = result.table.select(columns + ["driver", "modality_tag"])
     else:
         table = result.table.drop_columns(["signature"])
-    emit(table, format, output, title=result.title + " after triage", summary=False)
+    emit(table, format, output, title=result.title + " after triage", summary=False, store=store)
 
 
 @app.command()
@@ -458,7 +478,7 @@ def _nightly_failure(err: BaseException, code: int, json_output: bool) -> None:
 def sql(
     store: StoreOpt,
     query: Annotated[str, typer.Argument(help="A DuckDB SQL query.")],
-    format: FormatOpt = "table",
+    format: FormatOpt = None,
     attach: Annotated[
         list[str] | None, typer.Option(help="NAME=PATH, a catalog as view NAME.")
     ] = None,
@@ -476,7 +496,7 @@ def sql(
     if relation is None:
         typer.echo("OK")
         return
-    emit(relation, format, output)
+    emit(relation, format, output, store=store)
 
 
 @app.command()
@@ -486,7 +506,7 @@ def predict(
     store: Annotated[Path | None, typer.Option("--store", help="Store directory.")] = None,
     release: ReleaseOpt = None,
     model: ModelOpt = "default",
-    format: FormatOpt = "table",
+    format: FormatOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Stellar labels (Teff, log g, \\[Fe/H], \\[alpha/M]) with uncertainties."""
@@ -499,7 +519,7 @@ def predict(
         table = predict_table(read_source(file)[0], model)
     else:
         table = predict_store(store, release, model)
-    emit(table, format, output, title=f"stellar labels ({model})", summary=False)
+    emit(table, format, output, title=f"stellar labels ({model})", summary=False, store=store)
 
 
 @app.command()
@@ -539,8 +559,7 @@ def translate(
         )
         emit(pa.table({"source_id": stars}), "table", None, title=title, summary=False)
         return
-    fmt = "csv" if str(output).endswith(".csv") else "parquet"
-    emit(table, fmt, output, summary=False)
+    emit(table, None, output, summary=False, store=store)
     typer.echo(f"translate: {table.num_rows} pixels of predicted {to.upper()} written to {output}")
 
 
@@ -684,6 +703,20 @@ def models_info(model: Annotated[str, typer.Argument(help="Model id.")]) -> None
     from specsearch.models.registry import model_card
 
     Console().print_json(json.dumps(model_card(model), default=str))
+
+
+@app.callback()
+def options(
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Fail at once when another process is writing the store."),
+    ] = False,
+) -> None:
+    """Vector search and anomaly detection for stellar spectra (LAMOST LRS + Gaia XP)."""
+    from specsearch.store import LockPolicy
+
+    LockPolicy.wait = not no_wait
+    LockPolicy.on_wait = lambda message: typer.echo(message + " ...", err=True)
 
 
 def main() -> None:

@@ -203,7 +203,10 @@ class SpecStore:
         """
         from .indexes import build_store_indexes
 
-        return build_store_indexes(self.store, modality=modality, show_progress=False, **options)
+        with self.store.writing("index build"):
+            return build_store_indexes(
+                self.store, modality=modality, show_progress=False, **options
+            )
 
     def score(self, release: str | None = None, reference: str | None = None, **options):
         """``specsearch score``: anomaly scores against the frozen reference.

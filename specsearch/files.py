@@ -56,7 +56,21 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
         "compression": "zstd",
         "use_dictionary": [f.name for f in schema if not pa.types.is_nested(f.type)],
         "column_encoding": split,
+        "write_page_checksum": True,  # readers verify them (VERIFY): a flipped byte is an error
     }
+
+
+VERIFY = {"page_checksum_verification": True}
+"""Read options that check every Parquet page against its CRC (pq.read_table, pq.ParquetFile)."""
+
+
+def verified_format():
+    """A pyarrow dataset format that checks every page's CRC while scanning."""
+    import pyarrow.dataset as ds
+
+    return ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    )
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: Any) -> Path:

@@ -17,7 +17,14 @@ Layout::
 
 Every file is written to a temporary name in the same directory and renamed into place; the
 manifest is written last, so a killed run leaves either the old state or the new one. Readers
-trust only the files the manifest lists.
+trust only the files the manifest lists, and only as the manifest recorded them: each file's
+size and modification time are checked before it is read (a file replaced, truncated or written
+over since is an error naming it and the command that rebuilds it), Parquet pages carry
+checksums that readers verify, and ``specsearch check`` compares every SHA-256.
+
+One writer at a time: the stages that change a store hold its lock (``Store.writing``, an
+``fcntl`` lock on ``STORE/.lock``) for their whole run; a second writer waits for it (or, with
+``--no-wait``, fails at once). Readers need no lock: they see the last committed manifest.
 
 **A star seen in several releases.** Releases are ordered as they were first ingested. A star's
 *current* row is its row from the latest release that holds it (for embeddings: the latest
@@ -48,8 +55,10 @@ import pyarrow.parquet as pq
 from .errors import SpecsearchError
 from .files import (
     ROWS_PER_FILE,
+    VERIFY,
     PartWriter,
     file_sha256,
+    verified_format,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -63,7 +72,27 @@ from .schema import (
 )
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 STORE_FORMAT = 1
+MANIFEST_SECTIONS = {
+    "releases": dict,
+    "embeddings": dict,
+    "indexes": dict,
+    "scores": dict,
+    "reports": dict,
+    "marks": dict,
+}
+
+
+class LockPolicy:
+    """How a writer meets a store another process is writing: wait (telling ``on_wait`` what
+    holds it) or fail at once. The CLI sets it from ``--no-wait``."""
+
+    wait: bool = True
+    on_wait: Callable[[str], None] | None = None
+
+
+_HELD: dict[Path, list] = {}  # store root -> [open lock file, depth]: the lock is re-entrant
 SUBDIRS = ("shards", "embeddings", "indexes", "scores", "reports")
 SCRATCH = ".scratch"
 
@@ -86,9 +115,16 @@ class Store:
         if not (self.root / MANIFEST).exists():
             if not create:
                 raise SpecsearchError(f"{self.root}: not a specsearch store (no {MANIFEST})")
+            if any((self.root / "shards").glob("release=*")):
+                raise SpecsearchError(
+                    f"{self.root}: the manifest is missing but the store holds data; run "
+                    f"'specsearch check --store {self.root} --repair' to rebuild it"
+                )
             for sub in SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            self.write_manifest({"format": STORE_FORMAT, "created": _now(), "releases": {}})
+            with self.writing("create"):
+                if not (self.root / MANIFEST).exists():
+                    self.write_manifest({"format": STORE_FORMAT, "created": _now(), "releases": {}})
 
     @classmethod
     def open(cls, store: Store | str | os.PathLike) -> Store:
@@ -102,19 +138,101 @@ class Store:
         return self.root / MANIFEST
 
     def read_manifest(self) -> dict[str, Any]:
+        """The manifest, checked for the shape every reader relies on."""
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise SpecsearchError(f"{self.manifest_path}: corrupt manifest ({err.msg})") from None
+            manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise SpecsearchError(
+                f"{self.root}: the manifest is missing; run "
+                f"'specsearch check --store {self.root} --repair' to rebuild it"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            reason = getattr(err, "msg", None) or type(err).__name__
+            raise SpecsearchError(self._corrupt(f"not JSON: {reason}")) from None
+        if not isinstance(manifest, dict):
+            raise SpecsearchError(self._corrupt(f"a {type(manifest).__name__}, not an object"))
+        if manifest.get("format") != STORE_FORMAT:
+            raise SpecsearchError(self._corrupt(f"store format {manifest.get('format')!r}"))
+        for section, kind in MANIFEST_SECTIONS.items():
+            if section in manifest and not isinstance(manifest[section], kind):
+                raise SpecsearchError(self._corrupt(f"'{section}' is not an object"))
+        if "releases" not in manifest:
+            raise SpecsearchError(self._corrupt("no 'releases'"))
+        for release, entry in manifest["releases"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+                raise SpecsearchError(self._corrupt(f"release {release!r} lists no files"))
+        return manifest
+
+    def _corrupt(self, why: str) -> str:
+        return (
+            f"{self.manifest_path}: corrupt manifest ({why}); run "
+            f"'specsearch check --store {self.root} --repair' to rebuild it from the files"
+        )
+
+    @contextlib.contextmanager
+    def writing(self, what: str = "write") -> Iterator[Store]:
+        """Hold the store's writer lock for a stage (re-entrant within a process)."""
+        import fcntl
+
+        key = self.root.resolve()
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+            try:
+                yield self
+            finally:
+                held[1] -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK, "a+")  # noqa: SIM115 - held for the whole stage
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if not LockPolicy.wait:
+                    raise SpecsearchError(
+                        f"{self.root}: the store is being written by {holder}; try again later "
+                        "(or without --no-wait to wait for it)"
+                    ) from None
+                if LockPolicy.on_wait is not None:
+                    LockPolicy.on_wait(f"waiting for {holder} to finish writing {self.root}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{what} (pid {os.getpid()}, since {_now()})\n")
+            handle.flush()
+            _HELD[key] = [handle, 1]
+            self._clean_leftovers()
+            try:
+                yield self
+            finally:
+                del _HELD[key]
+                handle.seek(0)
+                handle.truncate()  # nobody holds it now: an untouched store stays byte-identical
+        finally:
+            handle.close()  # closing releases the lock
+
+    def _clean_leftovers(self) -> None:
+        """What a killed writer left: scratch folders and temporary files (no writer runs now)."""
+        shutil.rmtree(self.root / SCRATCH, ignore_errors=True)
+        for pattern in ("shards/release=*/.staging-*", "**/.*.tmp"):
+            for leftover in self.root.glob(pattern):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest["updated"] = _now()
         write_json_atomic(manifest, self.manifest_path)
 
     def _update_manifest(self, section: str, key: str, value: Any) -> None:
-        manifest = self.read_manifest()
-        manifest.setdefault(section, {})[key] = value
-        self.write_manifest(manifest)
+        with self.writing(f"update {section}"):
+            manifest = self.read_manifest()
+            manifest.setdefault(section, {})[key] = value
+            self.write_manifest(manifest)
 
     # ------------------------------------------------------------------ releases
 
@@ -174,6 +292,14 @@ class Store:
         ``source_fingerprint`` identifies the input files (``nightly`` skips a release ingested
         from the same files). Returns the manifest entry for the release.
         """
+        with self.writing("write release"):
+            return self._write_release(
+                release, tables, rejects, sources, rows_per_file, source_fingerprint
+            )
+
+    def _write_release(
+        self, release, tables, rejects, sources, rows_per_file, source_fingerprint
+    ) -> dict[str, Any]:
         out_dir = self.shard_dir(release)
         out_dir.mkdir(parents=True, exist_ok=True)
         # the new files go to a staging folder first, so a write that fails or is killed
@@ -210,7 +336,7 @@ class Store:
         entry = {
             "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in files),
             "rejects": rejects.num_rows,
-            "files": {p.name: file_sha256(p) for p in files},
+            "files": {p.name: file_record(p) for p in files},
             "sources": sources or [],
             "source_fingerprint": source_fingerprint,
             "ingested": _now(),
@@ -221,28 +347,50 @@ class Store:
     def shard_checksums(self, release: str) -> dict[Path, str]:
         """{shard file: sha256} of one release, as the manifest lists them."""
         entry = self.read_manifest().get("releases", {}).get(self._check_known(release))
-        return {self.shard_dir(release) / name: sha for name, sha in sorted(entry["files"].items())}
+        return {
+            self.shard_dir(release) / name: _sha(record)
+            for name, record in sorted(entry["files"].items())
+        }
+
+    def verify(self, path: Path, record: dict | str, rebuild: str) -> Path:
+        """``path`` if it is still the file the manifest recorded (size and modification time:
+        a cheap check every reader makes), else a one-line error naming it and ``rebuild``."""
+        if not isinstance(record, dict):  # an older manifest: the SHA-256 alone
+            if not path.exists():
+                raise SpecsearchError(f"{path}: missing; {rebuild}")
+            return path
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise SpecsearchError(f"{path}: missing; {rebuild}") from None
+        if info.st_size != record.get("size") or info.st_mtime_ns != record.get("mtime_ns"):
+            raise SpecsearchError(
+                f"{path}: changed since it was written (size or time differ from the manifest); "
+                f"{rebuild}"
+            )
+        return path
 
     def shard_files(self, release: str | None = None) -> list[Path]:
         """The shard files the manifest lists (all releases, or one): never a stray or stale file."""
         releases = [release] if release else self.releases()
         if not releases:
             raise SpecsearchError(f"{self.root}: the store has no ingested release")
+        entries = self.read_manifest().get("releases", {})
         paths = []
         for rel in releases:
-            found = list(self.shard_checksums(rel))
-            missing = [p.name for p in found if not p.exists()]
-            if not found or missing:
-                what = f"shard {missing[0]} is missing" if missing else "has no shards"
-                raise SpecsearchError(f"{self.root}: release {rel} {what} (re-run ingest)")
-            paths += found
+            records = entries.get(self._check_known(rel), {}).get("files", {})
+            if not records:
+                raise SpecsearchError(f"{self.root}: release {rel} has no shards (re-run ingest)")
+            for name, record in sorted(records.items()):
+                rebuild = f"re-run 'specsearch ingest ... --release {rel} --replace'"
+                paths.append(self.verify(self.shard_dir(rel) / name, record, rebuild))
         return paths
 
     def shards(self, release: str | None = None) -> ds.Dataset:
         """Every canonical row of one release, or of all (history: a star may appear in several
         releases), as an Arrow dataset. ``read_shards`` applies the current-row rule."""
         paths = [str(p) for p in self.shard_files(release)]
-        return ds.dataset(paths, format="parquet", schema=pq.read_schema(paths[0]))
+        return ds.dataset(paths, format=verified_format(), schema=pq.read_schema(paths[0]))
 
     def read_shards(
         self,
@@ -297,7 +445,7 @@ class Store:
     def rejects(self, release: str | None = None) -> pa.Table:
         releases = [release] if release else self.releases()
         tables = [
-            pq.read_table(self.shard_dir(r) / "rejects.parquet")
+            pq.read_table(self.shard_dir(r) / "rejects.parquet", **VERIFY)
             for r in releases
             if (self.shard_dir(r) / "rejects.parquet").exists()
         ]
@@ -326,12 +474,14 @@ class Store:
                 files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
                 if files:
                     releases.setdefault(release, {})[modality] = {
-                        p.name: pq.ParquetFile(p).metadata.num_rows for p in files
+                        p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, **file_record(p)}
+                        for p in files
                     }
         entry = {"model_id": model_id, "releases": releases}
-        manifest = self.read_manifest()
-        manifest["embeddings"] = entry
-        self.write_manifest(manifest)
+        with self.writing("record embeddings"):
+            manifest = self.read_manifest()
+            manifest["embeddings"] = entry
+            self.write_manifest(manifest)
         return entry
 
     def embeddings_model(self) -> str | None:
@@ -346,10 +496,11 @@ class Store:
         check_modality(modality)
         recorded = self.read_manifest().get("embeddings", {}).get("releases", {})
         releases = [self._check_known(release)] if release else self.releases()
+        rebuild = f"run 'specsearch check --store {self.root} --repair' (it re-embeds)"
         return [
-            (rel, self.embedding_path(rel, modality, name))
+            (rel, self.verify(self.embedding_path(rel, modality, name), record, rebuild))
             for rel in releases
-            for name in sorted(recorded.get(rel, {}).get(modality, {}))
+            for name, record in sorted(recorded.get(rel, {}).get(modality, {}).items())
         ]
 
     def embedding_modalities(self) -> list[str]:
@@ -398,7 +549,9 @@ class Store:
             where = pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64)))
         parts = []
         for rel, path in files:
-            part = ds.dataset(str(path), format="parquet").to_table(columns=names, filter=where)
+            part = ds.dataset(str(path), format=verified_format()).to_table(
+                columns=names, filter=where
+            )
             parts.append(
                 part.append_column("release", pa.array([rel] * part.num_rows, pa.string()))
             )
@@ -421,7 +574,24 @@ class Store:
     def record_scores(self, release: str, entry: dict[str, Any]) -> None:
         """Commit a release's score files (``entry["files"]``: {kind: file name}) and run facts."""
         self._check_known(release)
+        entry = dict(entry)
+        entry["records"] = {
+            kind: file_record(self.score_path(release, name))
+            for kind, name in entry.get("files", {}).items()
+        }
         self._update_manifest("scores", release, entry)
+
+    def read_scores(self, release: str, kind: str = "scores", columns: list[str] | None = None):
+        """A release's committed score rows (``kind`` "scores") or kNN graph ("neighbors"),
+        checked against the manifest; None where the release has none."""
+        entry = self.score_entry(release)
+        if not entry or kind not in entry.get("files", {}):
+            return None
+        path = self.score_path(release, entry["files"][kind])
+        record = entry.get("records", {}).get(kind, {"sha256": ""})
+        rebuild = f"run 'specsearch score --store {self.root} --release {release}' again"
+        self.verify(path, record if "size" in record else "", rebuild)
+        return pq.read_table(path, columns=columns, **VERIFY)
 
     def scored_releases(self) -> list[str]:
         """Releases with committed scores, oldest first."""
@@ -434,11 +604,15 @@ class Store:
 
     def _score_files(self, kind: str) -> list[Path]:
         recorded = self.read_manifest().get("scores", {})
-        return [
-            self.score_path(r, recorded[r]["files"][kind])
-            for r in self.scored_releases()
-            if kind in recorded[r].get("files", {})
-        ]
+        out = []
+        for release in self.scored_releases():
+            entry = recorded[release]
+            if kind not in entry.get("files", {}):
+                continue
+            record = entry.get("records", {}).get(kind, "")
+            rebuild = f"run 'specsearch score --store {self.root} --release {release}' again"
+            out.append(self.verify(self.score_path(release, entry["files"][kind]), record, rebuild))
+        return out
 
     def score_files(self) -> list[Path]:
         """Committed score files, oldest release first."""
@@ -476,10 +650,14 @@ class Store:
         path = self.marks_path()
         if not path.exists():
             return MARKS_SCHEMA.empty_table()
-        return pq.read_table(path).cast(MARKS_SCHEMA)
+        return pq.read_table(path, **VERIFY).cast(MARKS_SCHEMA)
 
     def add_marks(self, marks: pa.Table) -> int:
         """Append marks (MARKS_SCHEMA rows) to the marks table; returns how many it holds."""
+        with self.writing("mark"):
+            return self._add_marks(marks)
+
+    def _add_marks(self, marks: pa.Table) -> int:
         table = pa.concat_tables(
             [self.read_marks(), marks.select(MARKS_SCHEMA.names).cast(MARKS_SCHEMA)]
         )
@@ -513,8 +691,35 @@ class Store:
         self._update_manifest("indexes", params["modality"], {key: params.get(key) for key in keys})
 
 
+def writes_store(what: str):
+    """Decorate a stage whose first argument is a store (path or Store): it runs with the store
+    opened and its writer lock held (``Store.writing``)."""
+    import functools
+
+    def decorate(stage):
+        @functools.wraps(stage)
+        def run(store, *args, **kwargs):
+            opened = Store.open(store)
+            with opened.writing(what):
+                return stage(opened, *args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest keeps of a file: its SHA-256, size and modification time."""
+    info = path.stat()
+    return {"sha256": file_sha256(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def _sha(record: dict | str) -> str:
+    return record if isinstance(record, str) else record["sha256"]
+
+
 def _read_ids(path: Path) -> np.ndarray:
-    return pq.read_table(path, columns=["source_id"]).column("source_id").to_numpy()
+    return pq.read_table(path, columns=["source_id"], **VERIFY).column("source_id").to_numpy()
 
 
 def _latest(table: pa.Table, rank: dict[str, int] | None) -> np.ndarray:

@@ -62,7 +62,12 @@ def test_write_release_round_trip_and_manifest(tmp_path):
     assert entry["rows"] == 25 and entry["rejects"] == 1 and entry["sources"] == ["src"]
     parts = sorted(p.name for p in store.shard_dir("DR1").glob("part-*.parquet"))
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert entry["files"] == {name: file_sha256(store.shard_dir("DR1") / name) for name in parts}
+    assert {k: v["sha256"] for k, v in entry["files"].items()} == {
+        name: file_sha256(store.shard_dir("DR1") / name) for name in parts
+    }
+    assert all(
+        v["size"] == (store.shard_dir("DR1") / k).stat().st_size for k, v in entry["files"].items()
+    )
     assert store.read_manifest()["releases"]["DR1"]["rows"] == 25
     back = store.shards("DR1").to_table()
     assert back.column("source_id").to_pylist() == list(range(1, 26))
@@ -153,7 +158,9 @@ def test_missing_release_shards_is_an_error(tmp_path):
     store.write_release("DR1", [shard(2)])
     for part in store.shard_dir("DR1").glob("part-*.parquet"):
         part.unlink()
-    with pytest.raises(SpecsearchError, match="release DR1 shard part-00000.parquet is missing"):
+    with pytest.raises(
+        SpecsearchError, match=r"release=DR1/part-00000.parquet: missing; re-run .*--replace"
+    ):
         store.shards("DR1")
 
 
@@ -171,9 +178,9 @@ def test_a_write_that_fails_part_way_leaves_the_release_as_it_was(tmp_path):
         store.write_release("DR1", tables(), rows_per_file=10)
     assert store.read_manifest()["releases"]["DR1"] == before
     assert store.shards("DR1").to_table().column("source_id").to_pylist() == list(range(1, 26))
-    assert {name: file_sha256(store.shard_dir("DR1") / name) for name in before["files"]} == (
-        before["files"]
-    )
+    assert {name: file_sha256(store.shard_dir("DR1") / name) for name in before["files"]} == {
+        name: record["sha256"] for name, record in before["files"].items()
+    }
     assert sorted(p.name for p in store.shard_dir("DR1").iterdir()) == [
         "part-00000.parquet",
         "part-00001.parquet",

@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
-from ..files import write_parquet_atomic
+from ..files import VERIFY, write_parquet_atomic
 from ..progress import progress
 from ..schema import LABELS, MODALITIES, column_matrix, embedding_schema
-from ..store import Store
+from ..store import Store, writes_store
 from .residuals import chi2_per_pixel, xp_ivar
 
 CHUNK_ROWS = 2048
@@ -110,7 +110,7 @@ def chunk_is_done(store: Store, chunk: Chunk, model_id: str) -> bool:
 def read_chunk(chunk: Chunk) -> pa.Table:
     """The chunk's rows, reading only the row groups that hold them (memory stays per chunk)."""
     columns = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
-    shard = pq.ParquetFile(chunk.shard_path)
+    shard = pq.ParquetFile(chunk.shard_path, **VERIFY)
     sizes = [shard.metadata.row_group(i).num_rows for i in range(shard.num_row_groups)]
     ends = np.cumsum(sizes)
     starts = ends - np.asarray(sizes)
@@ -231,6 +231,7 @@ class EmbedResult:
         )
 
 
+@writes_store("embed")
 def embed_store(
     store: str | os.PathLike | Store,
     release: str | None = None,
@@ -250,7 +251,7 @@ def embed_store(
     start = time.perf_counter()
     if engine not in ("local", "ray"):
         raise SpecsearchError(f"--engine must be local or ray, not {engine!r}")
-    st = Store.open(store)
+    st = store
     runner = _load_runner(model, device)
     model_id = runner.model_id
     recorded = st.embeddings_model()

@@ -115,7 +115,11 @@ def ingest(
 
     try:
         store = store if isinstance(store, Store) else Store(root)
-        with progress_bar(show_progress) as bar, store.scratch("ingest", release) as spill_dir:
+        with (
+            store.writing(f"ingest {release}"),
+            progress_bar(show_progress) as bar,
+            store.scratch("ingest", release) as spill_dir,
+        ):
             runs, formats = scan_source(
                 source,
                 release,

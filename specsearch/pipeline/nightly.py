@@ -17,6 +17,7 @@ every file of the store byte-identical, and the result says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,6 +104,17 @@ def nightly(
     if not source.exists():
         raise SpecsearchError(f"{source}: no such file or directory")
     root = Path(store)
+    with contextlib.ExitStack() as held:  # one writer from the first stage to the last
+        if (root / "manifest.json").exists():
+            held.enter_context(Store(root).writing(f"nightly {release}"))
+        result = _run(
+            held, source, root, release, reference, model, top, threshold, workers, show_progress
+        )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run(held, source, root, release, reference, model, top, threshold, workers, show_progress):
     result = NightlyResult(release=release, store=root)
     # 1. ingest, unless these very files were already ingested as this release
     fingerprint = source_fingerprint(source)
@@ -118,6 +130,7 @@ def nightly(
             f"({', '.join(entry.get('sources', [])) or 'unknown'}); name the new night differently"
         )
     st = Store.open(root)
+    held.enter_context(st.writing(f"nightly {release}"))  # re-entrant; a first night: from here
     # 2. embed what is new
     embedded = embed_store(st, release=release, model=model, show_progress=show_progress)
     if embedded.chunks:
@@ -178,7 +191,6 @@ def nightly(
 
         result.new_since = new_above_threshold(st, release, result.since, threshold).num_rows
     result.top = _top(st, release, min(top, 10))
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -216,13 +228,7 @@ def _report_key(st: Store, release: str, since: str | None, top: int, threshold:
 
 
 def _top(st: Store, release: str, n: int) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    entry = st.score_entry(release)
-    if not entry:
-        return []
-    table = pq.read_table(
-        st.score_path(release, entry["files"]["scores"]),
-        columns=["source_id", "rank", "score", "driver", "modality_tag", "explanation"],
+    table = st.read_scores(
+        release, columns=["source_id", "rank", "score", "driver", "modality_tag", "explanation"]
     )
-    return table.sort_by("rank").slice(0, n).to_pylist()
+    return [] if table is None else table.sort_by("rank").slice(0, n).to_pylist()

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
 from ..files import atomic_path, write_parquet_atomic
@@ -82,7 +81,7 @@ def _scores(store: Store, release: str) -> pa.Table:
         raise SpecsearchError(
             f"{store.root}: release {release} is not scored; run 'specsearch score --release {release}'"
         )
-    return pq.read_table(store.score_path(release, entry["files"]["scores"]))
+    return store.read_scores(release)
 
 
 def new_above_threshold(store: Store, release: str, since: str, threshold: float) -> pa.Table:

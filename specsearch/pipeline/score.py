@@ -66,12 +66,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
-from ..files import atomic_path, write_json_atomic, write_parquet_atomic
+from ..files import VERIFY, atomic_path, write_json_atomic, write_parquet_atomic
 from ..grids import xp_norm
 from ..lines import nearest_feature, pixel_wavelength
 from ..progress import progress
 from ..schema import LABELS, MODALITIES, SCORE_COMPONENTS, SCORES_SCHEMA, column_matrix
-from ..store import Store
+from ..store import Store, writes_store
 from ..surveys.sources import median_snr_lrs, median_snr_xp
 from .calibration import TailModel, combine_logp
 from .embed import Chunk, chunk_outputs, plan_chunks, read_chunk
@@ -183,7 +183,7 @@ def _read_batch(store: Store, chunk: Chunk, runner: Any) -> Batch:
             )
         names = ["source_id", "embedding", "features", "align_cos"]
         names += [f"pred_{label}{s}" for label in LABELS for s in ("", "_err")]
-        rows = pq.read_table(path, columns=names)
+        rows = pq.read_table(path, columns=names, **VERIFY)
         has[modality] = np.isin(source_id, rows.column("source_id").to_numpy())
         embedding[modality] = _aligned(rows, source_id, "embedding")
         norms = np.linalg.norm(embedding[modality], axis=1, keepdims=True)
@@ -956,6 +956,7 @@ def _fingerprint(store: Store, release: str, reference: Reference) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+@writes_store("score")
 def score_store(
     store: str | os.PathLike | Store,
     release: str | None = None,
@@ -976,7 +977,7 @@ def score_store(
     from ..models.runner import SpecCLIPRunner
 
     start = time.perf_counter()
-    st = Store.open(store)
+    st = store
     releases = st.releases()
     if not releases:
         raise SpecsearchError(f"{st.root}: the store has no ingested release")
@@ -1012,7 +1013,7 @@ def score_store(
     for name in wanted:
         fingerprint = _fingerprint(st, name, frozen)
         entry = st.score_entry(name)
-        if entry and entry.get("fingerprint") == fingerprint:
+        if entry and entry.get("fingerprint") == fingerprint and _intact(st, name):
             result.skipped.append(name)
             continue
         if reference_stats is not None and reference_stats[0] == name:
@@ -1045,6 +1046,16 @@ def score_store(
         result.releases[name] = entry
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _intact(st: Store, release: str) -> bool:
+    """Whether a release's committed score files are still as they were written."""
+    try:
+        st.read_scores(release, columns=["source_id"])
+        st.read_scores(release, "neighbors", columns=["source_id"])
+    except (SpecsearchError, OSError):
+        return False
+    return True
 
 
 def _now() -> str:

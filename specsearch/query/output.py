@@ -60,9 +60,7 @@ def emit_relation(
             table, rows = rich_table(relation, title)
             _print_rich(table, output, stream)
         elif fmt == "parquet":
-            with atomic_path(Path(output)) as tmp:
-                relation.write_parquet(str(tmp), compression="zstd")
-                rows = pq.ParquetFile(tmp).metadata.num_rows
+            rows = _write_parquet(relation, Path(output))
         elif fmt == "csv":
             rows = _write_text(relation, output, stream, _write_csv)
         else:
@@ -71,6 +69,40 @@ def emit_relation(
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise SpecsearchError(f"SQL: {lines[0].strip() if lines else type(err).__name__}") from None
     return rows
+
+
+SUFFIXES = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".json": "json",
+    ".txt": "table",
+}
+
+
+def output_format(
+    fmt: str | None, output: str | Path | None, store_root: Path | None = None
+) -> str:
+    """The format to write: ``fmt`` if given, else the one ``output``'s suffix names (an unknown
+    suffix is an error), else "table" on the screen. ``output`` may not lie inside the store."""
+    if output is not None and store_root is not None:
+        target = Path(output).resolve()
+        root = Path(store_root).resolve()
+        if target == root or root in target.parents:
+            raise SpecsearchError(f"{output}: -o may not write inside the store {store_root}")
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
+        return fmt
+    if output is None:
+        return "table"
+    suffix = Path(output).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise SpecsearchError(
+            f"{output}: unknown suffix {suffix or '(none)'!r}; use one of "
+            f"{', '.join(SUFFIXES)} or give --format"
+        )
+    return SUFFIXES[suffix]
 
 
 def rows_summary(rows: int, output: str | Path | None = None, fmt: str = "table") -> str:
@@ -94,10 +126,51 @@ def _write_text(relation, output, stream, writer) -> int:
     return rows
 
 
+def _batches(relation):
+    """The relation as Arrow record batches (written by pyarrow: the query's connection itself
+    may not write files, see ``sql.connect``)."""
+    return relation.to_arrow_reader(batch_size=65_536)
+
+
+def _write_parquet(relation, path: Path) -> int:
+    reader = _batches(relation)
+    rows = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, reader.schema, compression="zstd") as f:
+        for batch in reader:
+            f.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
 def _write_csv(relation, path: Path) -> int:
-    relation.write_csv(str(path), header=True)
-    with open(path, newline="", encoding="utf-8") as f:
-        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+    """CSV with a header, quoting only where a value needs it; nulls are empty; 32-bit floats
+    written as short as they round-trip."""
+    import numpy as np
+
+    reader = _batches(relation)
+    single = [pa.types.is_float32(f.type) for f in reader.schema]
+    rows = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(reader.schema.names)
+        for batch in reader:
+            for record in zip(*(c.to_pylist() for c in batch.columns), strict=True):
+                writer.writerow(
+                    [
+                        "" if v is None else (str(np.float32(v)) if short else _csv_cell(v))
+                        for v, short in zip(record, single, strict=True)
+                    ]
+                )
+            rows += batch.num_rows
+    return rows
+
+
+def _csv_cell(value):
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return json.dumps(_finite(value))
+    return value
 
 
 def _write_json(relation, path: Path) -> int:

@@ -24,6 +24,11 @@ views hold every row of every release, for history and diffs:
 
 ``attach={"gaia": "gaia.fits"}`` adds a view ``gaia``: Parquet (file or folder), CSV/TSV, JSON,
 FITS binary tables, ECSV and VOTable (the last three through astropy).
+
+Read-only. The connection reads the store's folder and the attached files and nothing else
+(DuckDB's external access is off, with those paths allowed, and its configuration locked), and
+``query`` runs one SELECT (or EXPLAIN) statement: no COPY, ATTACH, INSTALL, CREATE or SET, so a
+query cannot change the store or reach another file.
 """
 
 from __future__ import annotations
@@ -87,9 +92,24 @@ def connect(
     _create_parquet_views(con, "scores", store.score_files(), multi=len(releases) > 1)
     _create_parquet_view(con, "neighbors", store.neighbor_files())
     _create_labels_view(con)
+    allowed = [str(store.root.resolve())]
     for name, path in (attach or {}).items():
         attach_catalog(con, name, path)
+        allowed.append(str(Path(path).resolve()))
+    _lock_down(con, allowed)
     return con
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, allowed: list[str]) -> None:
+    """Only the store and the attached files are readable; the settings cannot be undone."""
+    paths = [p for p in allowed if Path(p).is_file()]
+    folders = [p.rstrip("/") + "/" for p in allowed if not Path(p).is_file()]
+    con.execute("SET allowed_directories = ?", [folders])
+    con.execute("SET allowed_paths = ?", [paths])
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _quote_path(path: Path) -> str:
@@ -292,8 +312,24 @@ def astropy_to_arrow(table) -> pa.Table:
 # --- running a query
 
 
+READ_ONLY = ("StatementType.SELECT", "StatementType.EXPLAIN")
+
+
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
-    """Run ``sql``; DuckDB's errors become a one-line SpecsearchError."""
+    """Run one read-only statement (SELECT, incl. WITH/DESCRIBE/SHOW/SUMMARIZE, or EXPLAIN);
+    anything else, and DuckDB's errors, become a one-line SpecsearchError."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise SpecsearchError(f"SQL: {_first_line(err)}") from None
+    if len(statements) != 1:
+        raise SpecsearchError(f"SQL: give one statement, not {len(statements)}")
+    kind = str(statements[0].type)
+    if kind not in READ_ONLY:
+        raise SpecsearchError(
+            f"SQL: specsearch sql is read-only: {kind.rsplit('.', 1)[-1]} statements are refused "
+            "(use SELECT; -o FILE writes a result)"
+        )
     try:
         return con.sql(sql)
     except duckdb.Error as err:

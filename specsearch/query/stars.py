@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
 from ..grids import LRS_WAVELENGTH, XP_WAVELENGTH, xp_norm
@@ -246,7 +245,7 @@ def _score_rows(st: Store, release: str, ids: np.ndarray) -> dict[int, dict]:
     entry = st.score_entry(release)
     if not entry:
         return {}
-    table = pq.read_table(st.score_path(release, entry["files"]["scores"]))
+    table = st.read_scores(release)
     keep = np.isin(table.column("source_id").to_numpy(), ids)
     return {row["source_id"]: row for row in table.filter(keep).to_pylist()}
 
@@ -257,7 +256,7 @@ def _neighbour_rows(
     entry = st.score_entry(release)
     if not entry or "neighbors" not in entry["files"] or k < 1:
         return {}
-    table = pq.read_table(st.score_path(release, entry["files"]["neighbors"]))
+    table = st.read_scores(release, "neighbors")
     keep = np.isin(table.column("source_id").to_numpy(), ids) & (
         table.column("rank").to_numpy() <= k
     )

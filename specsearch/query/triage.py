@@ -178,7 +178,7 @@ def triaged(
         entry = st.score_entry(release)
         if not entry:
             raise SpecsearchError(f"{st.root}: release {release} is not scored")
-        scores = pq.read_table(st.score_path(release, entry["files"]["scores"]))
+        scores = st.read_scores(release)
     ids = scores.column("source_id").to_numpy()
     score = np.nan_to_num(scores.column("score").to_numpy(zero_copy_only=False), nan=0.0)
     marks = latest_marks(st)
@@ -291,10 +291,7 @@ def _latest_scores(st: Store, ids: np.ndarray) -> pa.Table | None:
     """The score rows of ``ids`` from the latest release that scored each."""
     parts = []
     for release in st.scored_releases():
-        entry = st.score_entry(release)
-        table = pq.read_table(
-            st.score_path(release, entry["files"]["scores"]), columns=["source_id", "signature"]
-        )
+        table = st.read_scores(release, columns=["source_id", "signature"])
         parts.append(table.filter(pc.is_in(table.column("source_id"), pa.array(ids, pa.int64()))))
     if not parts:
         return None
@@ -312,7 +309,7 @@ def more_like(store: str | os.PathLike | Store, release: str, k: int = 5) -> dic
     if interesting.num_rows == 0:
         return {}
     entry = st.score_entry(release)
-    scores = pq.read_table(st.score_path(release, entry["files"]["scores"])) if entry else None
+    scores = st.read_scores(release) if entry else None
     ids = (
         scores.column("source_id").to_numpy()
         if scores is not None
