@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from specsearch.errors import SpecsearchError
+from specsearch.errors import SpecsearchError, os_error_from
 from specsearch.progress import progress
 
 from .choose import (
@@ -412,9 +412,17 @@ def build_sharded_index(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index``, with a failed write (a full disk) raised as the OSError it is."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as err:
+        raise (os_error_from(err, str(path)) or err) from None
+
+
 def _write_shard(shard: faiss.Index, scratch: Path, number: int) -> Path:
     path = scratch / f"shard-{number:05d}.faiss"
-    faiss.write_index(shard, str(path))
+    write_faiss(shard, path)
     return path
 
 

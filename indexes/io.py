@@ -28,7 +28,7 @@ import numpy as np
 from specsearch.errors import SpecsearchError
 from specsearch.files import atomic_path, write_json_atomic
 
-from .build import build_index, check_vectors, empty_copy, is_ivf, merge_ondisk
+from .build import build_index, check_vectors, empty_copy, is_ivf, merge_ondisk, write_faiss
 from .choose import choose_factory, index_family, nlist_for
 from .device import CpuDevice
 from .measure import (
@@ -68,7 +68,7 @@ def save_index(index: faiss.Index, params: dict, index_dir: Path, modality: str)
     if len(params["version"]) != 32:
         raise ValueError("an index version must be 32 hex characters (uuid4().hex)")
     with atomic_path(index_path) as tmp:
-        faiss.write_index(index, str(tmp))
+        write_faiss(index, tmp)
         with open(tmp, "ab") as f:
             f.write(TRAILER_MAGIC + params["version"].encode("ascii"))
     write_json_atomic(params, json_path)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
@@ -22,8 +25,20 @@ def parallel_map(
     if workers <= 1:
         yield map(job, items)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         yield ordered_map(pool, job, items, ahead=2 * workers)
+
+
+def die_with_parent(parent: int) -> None:
+    """Run in a worker process: the kernel kills it when its parent dies (Linux), so a
+    ``kill -9`` of specsearch leaves no worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
 
 
 def ordered_map(

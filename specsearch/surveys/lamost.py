@@ -111,6 +111,14 @@ class LamostSpectrum:
 # ------------------------------------------------------------------ detection
 
 
+def _mask_bits(andmask: np.ndarray) -> np.ndarray:
+    """AND-mask bits as integers; a value that is no integer (NaN, inf, out of range) counts
+    as a set bit (the pixel is masked)."""
+    values = np.asarray(andmask, dtype=np.float64)
+    bad = ~np.isfinite(values) | (np.abs(values) > 2**62)
+    return np.where(bad, 1.0, values).astype(np.int64)
+
+
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as raw:
         return raw.read(2) == b"\x1f\x8b"
@@ -348,7 +356,7 @@ def _read_lamost_file(path: Path) -> LamostSpectrum:
         wavelength=wavelength,
         flux=flux,
         ivar=ivar,
-        andmask=np.nan_to_num(andmask, nan=1.0).astype(np.int64),
+        andmask=_mask_bits(andmask),
         obsid=obsid,
         source_id=source_id,
         designation=designation,
