@@ -196,7 +196,7 @@ TRUTH_SCHEMA = pa.schema(
 )
 
 
-def _fixed_list(values: np.ndarray | None, width: int, n: int) -> pa.Array:
+def fixed_list(values: np.ndarray | None, width: int, n: int) -> pa.Array:
     """(n, width) float array with NaN rows meaning missing -> FixedSizeList<float32> with nulls.
 
     A NaN pixel in an otherwise valid row is stored as 0: the caller must already have given it
@@ -243,10 +243,10 @@ def make_shard_table(
         if obsid is None
         else pa.array(np.asarray(obsid, dtype=np.int64), mask=np.asarray(obsid) < 0),
         "release": pa.array([release] * n, type=pa.string()),
-        "lrs_flux": _fixed_list(lrs_flux, N_LRS, n),
-        "lrs_ivar": _fixed_list(lrs_ivar, N_LRS, n),
-        "xp_flux": _fixed_list(xp_flux, N_XP, n),
-        "xp_flux_error": _fixed_list(xp_flux_error, N_XP, n),
+        "lrs_flux": fixed_list(lrs_flux, N_LRS, n),
+        "lrs_ivar": fixed_list(lrs_ivar, N_LRS, n),
+        "xp_flux": fixed_list(xp_flux, N_XP, n),
+        "xp_flux_error": fixed_list(xp_flux_error, N_XP, n),
     }
     for field in SHARD_SCHEMA:
         if field.name in columns:

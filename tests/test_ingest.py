@@ -116,7 +116,7 @@ def test_ingest_twice_gives_identical_files(release_folder, tmp_path):
         return {k: (v["sha256"], v["size"]) for k, v in files.items()}
 
     first = contents("a")
-    ingest(release_folder, tmp_path / "a", "DR1", show_progress=False)
+    ingest(release_folder, tmp_path / "a", "DR1", show_progress=False, replace=True)
     assert first == contents("a") == contents("b")
     rejects = [
         (tmp_path / s / "shards" / "release=DR1" / "rejects.parquet").read_bytes() for s in "ab"
@@ -403,7 +403,7 @@ def random_shards(folder, rng, n_files=3, rows=40, pool=70):
     candidates, lrs_rows = [], {}
     for f in range(n_files):
         ids = rng.integers(1, pool, rows)
-        flux = rng.uniform(1.0, 2.0, (rows, N_XP)).astype(np.float32)
+        flux = rng.uniform(1e-16, 2e-16, (rows, N_XP)).astype(np.float32)  # W m^-2 nm^-1
         error = (flux / rng.uniform(5.0, 100.0, (rows, 1))).astype(np.float32)
         lrs = rng.random(rows) < 0.3
         table = make_shard_table(
@@ -525,7 +525,9 @@ def test_xp_files_in_worker_processes_give_the_same_release(tmp_path, monkeypatc
     started = []
     real_pool = specsearch.pool.ProcessPoolExecutor
     monkeypatch.setattr(
-        specsearch.pool, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
+        specsearch.pool,
+        "ProcessPoolExecutor",
+        lambda n, **kw: started.append(n) or real_pool(n, **kw),
     )
     src = tmp_path / "src"
     src.mkdir()

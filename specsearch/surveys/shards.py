@@ -33,10 +33,31 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..grids import N_LRS, N_XP, clean_flux_ivar
-from ..schema import LABELS, SHARD_SCHEMA, make_shard_table, rejects_table, validate_shard
+from ..schema import (
+    LABELS,
+    SHARD_SCHEMA,
+    fixed_list,
+    make_shard_table,
+    rejects_table,
+    validate_shard,
+)
 
 # An LRS spectrum needs at least this fraction of the 1462 canonical pixels with ivar > 0.
 MIN_LRS_GOOD_FRACTION = 0.5
+
+# Values beyond these are errors, not stars (a unit mix-up, an overflow, a fill value): such
+# pixels are masked and such labels dropped, with a rejects row saying so. LRS flux is
+# continuum-normalised (the strongest emission lines reach tens); XP flux is in W m^-2 nm^-1
+# (the brightest stars in Gaia reach about 1e-10).
+LRS_FLUX_LIMIT = 1e4
+LRS_IVAR_LIMIT = 1e14
+XP_FLUX_LIMIT = 1e-6
+LABEL_RANGES = {
+    "teff": (1000.0, 200_000.0),
+    "logg": (-1.5, 10.0),
+    "fe_h": (-6.0, 2.0),
+    "alpha_m": (-1.5, 2.0),
+}
 
 # Internal provenance columns a reader adds with ``provenance=True`` (ingest strips them).
 FILE_COLUMN = "_file"
@@ -296,3 +317,119 @@ def check_shard_rows(
         shards = shards.append_column(FILE_COLUMN, pa.array([file] * len(rows), type=pa.string()))
         shards = shards.append_column(ROW_COLUMN, pa.array(rows, type=pa.int64()))
     return shards, rejects
+
+
+def _explain(reasons: list[list[str]], rows: np.ndarray, text) -> None:
+    """Add ``text(i)`` to the reasons of every row ``i`` where ``rows`` is true."""
+    for i in np.flatnonzero(rows):
+        reasons[i].append(text(i))
+
+
+def screen_implausible(table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """Mask what no star can show, in conformed reader rows (SHARD_SCHEMA plus provenance).
+
+    LRS pixels beyond LRS_FLUX_LIMIT (or with ivar beyond LRS_IVAR_LIMIT) get ivar 0 and flux 0,
+    and the LRS is dropped when fewer than MIN_LRS_GOOD_FRACTION of its pixels stay good; an XP
+    spectrum with any pixel beyond XP_FLUX_LIMIT is dropped; a label outside LABEL_RANGES (or
+    with a negative or non-finite error) is dropped with its error. A row left without a
+    spectrum is removed. Returns (table, rejects records naming file, row and reason); the
+    table is returned untouched when nothing is implausible.
+    """
+    n = table.num_rows
+    if n == 0:
+        return table, []
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    columns: dict[str, pa.Array] = {}
+
+    def matrix(name: str) -> np.ndarray:
+        return array_column(table, name, N_LRS if name.startswith("lrs") else N_XP)[0]
+
+    lrs_flux, lrs_ivar = matrix("lrs_flux"), matrix("lrs_ivar")
+    with np.errstate(invalid="ignore"):
+        wild = (np.abs(lrs_flux) > LRS_FLUX_LIMIT) | (lrs_ivar > LRS_IVAR_LIMIT)
+    lrs_drop = np.zeros(n, dtype=bool)
+    if wild.any():
+        has = table.column("lrs_flux").is_valid().to_numpy(zero_copy_only=False)
+        counts = wild.sum(axis=1)
+        lrs_flux[wild], lrs_ivar[wild] = 0.0, 0.0
+        good = (np.nan_to_num(lrs_ivar) > 0).mean(axis=1)
+        lrs_drop = has & (counts > 0) & (good < MIN_LRS_GOOD_FRACTION)
+        _explain(
+            reasons,
+            counts > 0,
+            lambda i: (
+                f"lrs: {counts[i]} pixels beyond any plausible flux (|flux| > "
+                f"{LRS_FLUX_LIMIT:g} or ivar > {LRS_IVAR_LIMIT:g}) "
+                f"({'LRS dropped' if lrs_drop[i] else 'pixels masked'}"
+            ),
+        )
+        lrs_flux[lrs_drop], lrs_ivar[lrs_drop] = np.nan, np.nan
+        columns["lrs_flux"] = fixed_list(lrs_flux, N_LRS, n)
+        columns["lrs_ivar"] = fixed_list(lrs_ivar, N_LRS, n)
+    xp_flux, xp_error = matrix("xp_flux"), matrix("xp_flux_error")
+    with np.errstate(invalid="ignore"):
+        xp_wild = ((np.abs(xp_flux) > XP_FLUX_LIMIT) | (xp_error > XP_FLUX_LIMIT)).sum(axis=1)
+    xp_drop = xp_wild > 0
+    if xp_drop.any():
+        _explain(
+            reasons,
+            xp_drop,
+            lambda i: (
+                f"xp: {xp_wild[i]} pixels beyond any plausible flux (|flux| or error > "
+                f"{XP_FLUX_LIMIT:g} W m^-2 nm^-1) (XP dropped"
+            ),
+        )
+        xp_flux[xp_drop], xp_error[xp_drop] = np.nan, np.nan
+        columns["xp_flux"] = fixed_list(xp_flux, N_XP, n)
+        columns["xp_flux_error"] = fixed_list(xp_error, N_XP, n)
+    for label, (low, high) in LABEL_RANGES.items():
+        if label not in table.column_names:
+            continue
+        value = _number_column(table, label, np.float64, np.nan)
+        error = _number_column(table, f"{label}_err", np.float64, np.nan)
+        given = ~np.isnan(value)
+        with np.errstate(invalid="ignore"):
+            bad = given & (~np.isfinite(value) | (value < low) | (value > high))
+            bad |= given & ~np.isnan(error) & ~(np.isfinite(error) & (error >= 0))
+        if bad.any():
+            _explain(
+                reasons,
+                bad,
+                lambda i, label=label, low=low, high=high, value=value, error=error: (
+                    f"{label} {value[i]:g} +- {error[i]:g} outside the physical range "
+                    f"[{low:g}, {high:g}] (label dropped"
+                ),
+            )
+            for name, values in ((label, value), (f"{label}_err", error)):
+                columns[name] = pa.array(
+                    values.astype(np.float32), pa.float32(), mask=bad | np.isnan(values)
+                )
+    if not columns:
+        return table, []
+    for name, array in columns.items():
+        table = table.set_column(
+            table.schema.get_field_index(name), table.schema.field(name), array
+        )
+    empty = ~table.column("lrs_flux").is_valid().to_numpy(zero_copy_only=False) & ~table.column(
+        "xp_flux"
+    ).is_valid().to_numpy(zero_copy_only=False)
+    files = table.column(FILE_COLUMN).to_pylist() if FILE_COLUMN in table.column_names else None
+    rows = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names else None
+    ids = table.column("source_id").to_pylist()
+    obsids = table.column("obsid").to_pylist() if "obsid" in table.column_names else None
+    records = [
+        {
+            "file": files[i] if files else None,
+            "row": rows[i] if rows else None,
+            "source_id": ids[i],
+            "obsid": obsids[i] if obsids else None,
+            "reason": "; ".join(
+                f"{r}{', row rejected)' if empty[i] else ', row kept)'}" for r in reasons[i]
+            ),
+        }
+        for i in range(n)
+        if reasons[i]
+    ]
+    if empty.any():
+        table = table.filter(pa.array(~empty))
+    return table, records

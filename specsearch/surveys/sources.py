@@ -75,6 +75,7 @@ from .shards import (
     ROW_COLUMN,
     looks_like_shards,
     read_shards,
+    screen_implausible,
 )
 
 SNR_LRS = "_snr_lrs"
@@ -133,12 +134,14 @@ def _source_files(source: Path) -> list[Path]:
 
 def median_snr_lrs(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Median S/N over good pixels, |flux| sqrt(ivar); flux, ivar (n, 1462) -> (n,), 0 if none."""
-    return _median_snr(np.abs(flux) * np.sqrt(np.where(ivar > 0, ivar, np.nan)))
+    with np.errstate(over="ignore", invalid="ignore"):  # wild values are screened later
+        return _median_snr(np.abs(flux) * np.sqrt(np.where(ivar > 0, ivar, np.nan)))
 
 
 def median_snr_xp(flux: np.ndarray, flux_error: np.ndarray) -> np.ndarray:
     """Median S/N, |flux| / error over pixels with a positive error; (n, 343) -> (n,), 0 if none."""
-    return _median_snr(np.abs(flux) / np.where(flux_error > 0, flux_error, np.nan))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _median_snr(np.abs(flux) / np.where(flux_error > 0, flux_error, np.nan))
 
 
 def _median_snr(snr: np.ndarray) -> np.ndarray:
@@ -275,6 +278,12 @@ class _Runs:
     def add(self, shards: pa.Table, rejects: pa.Table | None = None) -> None:
         if rejects is not None and rejects.num_rows:
             self.rejects.append(rejects)
+        if not shards.num_rows:
+            return
+        release = shards.column("release")[0].as_py()
+        shards, implausible = screen_implausible(shards)  # every reader's rows pass here
+        if implausible:
+            self.rejects.append(rejects_table(release, implausible))
         if not shards.num_rows:
             return
         # files named as the user will see them; arrival order kept for the merge's tie-break
