@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -204,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     store_path = build_store(work, args.n, args.model)
     store = Store(store_path)
     # scores of an earlier run are dropped: the run measures calibration and scoring afresh
-    shutil.rmtree(store.reference_dir(), ignore_errors=True)
-    manifest = store.read_manifest()
-    manifest.pop("scores", None)
-    store.write_manifest(manifest)
+    store.drop_scores()
     t0 = time.perf_counter()
     calibrated = score_store(store, release=REFERENCE, reference=REFERENCE, show_progress=False)
     calibration_s = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from specsearch.errors import NotBuiltError, SpecsearchError
+from specsearch.errors import NotBuiltError, SpecsearchError, describe
 
 app = typer.Typer(
     name="specsearch",
@@ -29,28 +29,32 @@ train_app = typer.Typer(help="The SpecCLIP training stages.", no_args_is_help=Tr
 models_app = typer.Typer(help="Installed and shipped models.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(train_app, name="train")
+release_app = typer.Typer(help="The store's releases: list and remove.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(release_app, name="release")
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def one_line_errors(func):
-    """Map library errors to a one-line message and exit status 2."""
+    """Map every error to one line on stderr: exit 2 for bad input, 1 for the environment (a
+    full disk, a missing permission, a damaged or busy store), 130 when interrupted."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except SpecsearchError as err:
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        except FileNotFoundError as err:
-            fail(f"{err.filename}: no such file or directory")
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except (Exception, KeyboardInterrupt) as err:
+            code, message = describe(err)
+            if code == 130:
+                typer.echo(message, err=True)
+                raise typer.Exit(130) from None
+            fail(message, code)
 
     return wrapper
 
@@ -152,11 +156,92 @@ def ingest(
             help="Processes reading LAMOST and Gaia XP files (default: one per core).", min=1
         ),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Replace a release already in the store (its embeddings, scores and report go "
+            "with it).",
+        ),
+    ] = False,
 ) -> None:
     """Raw survey files (LAMOST FITS, Gaia XP products) or shards into canonical shards."""
     from specsearch.pipeline.ingest import ingest as ingest_files
 
-    typer.echo(ingest_files(source, store, release, workers=workers))
+    typer.echo(ingest_files(source, store, release, workers=workers, replace=replace))
+
+
+@release_app.command("list")
+@one_line_errors
+def release_list(store: StoreOpt) -> None:
+    """The store's releases, oldest first: stars, rejects, and what is derived from each."""
+    from specsearch.store import Store
+
+    st = Store.open(store)
+    manifest = st.read_manifest()
+    embedded = manifest.get("embeddings", {}).get("releases", {})
+    missing = st.missing_embeddings()
+    for name in st.releases():
+        entry = manifest["releases"][name]
+        parts = [f"{entry['rows']} stars", f"{entry['rejects']} rejected"]
+        if name in embedded and name not in missing:
+            parts.append("embedded")
+        elif name in embedded:
+            parts.append("partly embedded")
+        if name in manifest.get("scores", {}):
+            parts.append("scored")
+        if name == manifest.get("calibration", {}).get("release"):
+            parts.append("calibration reference")
+        if name in manifest.get("reports", {}):
+            parts.append("report")
+        typer.echo(f"{name}: {', '.join(parts)} (ingested {entry.get('ingested')})")
+
+
+@release_app.command("rm")
+@one_line_errors
+def release_rm(
+    release: Annotated[str, typer.Argument(help="The release to remove.")],
+    store: StoreOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove a release and everything derived from it (embeddings, scores, report; the
+    calibration and every score when it was the reference), in one commit."""
+    from specsearch.store import Store
+
+    st = Store.open(store)
+    if st.release_entry(release) is None:
+        fail(f"{st.root}: release {release} is not in the store")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"removing release {release} needs --yes when not run from a terminal")
+        typer.confirm(f"Remove release {release} and everything derived from it?", abort=True)
+    removed = st.remove_release(release)
+    typer.echo(
+        f"removed release {release} ({len(removed)} folders); indexes that held it are stale: "
+        f"run 'specsearch index build --store {st.root}'"
+    )
+
+
+@app.command()
+def check(
+    store: StoreOpt,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Make again what is derived (embeddings, indexes, scores)."),
+    ] = False,
+) -> None:
+    """Verify every file of the store against its checksum; list damaged, missing and orphaned
+    files. Exit 0 when the store is whole, 1 when it is not, 2 for bad input."""
+    from specsearch.pipeline.check import check_store
+
+    try:
+        result = check_store(store, repair=repair)
+    except (Exception, KeyboardInterrupt) as err:
+        code, message = describe(err)
+        fail(message, code)
+    typer.echo(result)
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -451,21 +536,15 @@ def nightly(
             top=top,
             show_progress=not json_output,
         )
-    except SpecsearchError as err:
-        _nightly_failure(err, 2, json_output)
-    except KeyboardInterrupt:
-        _nightly_failure(KeyboardInterrupt("interrupted"), 130, json_output)
-    except Exception as err:  # the environment: disk, permissions, a bug; never a traceback
-        _nightly_failure(err, 1, json_output)
+    except (Exception, KeyboardInterrupt) as err:  # never a traceback
+        _nightly_failure(err, json_output)
     typer.echo(result.to_json() if json_output else str(result))
 
 
-def _nightly_failure(err: BaseException, code: int, json_output: bool) -> None:
+def _nightly_failure(err: BaseException, json_output: bool) -> None:
     import json
 
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if code == 1 and not isinstance(err, OSError):
-        message = f"{type(err).__name__}: {message}"
+    code, message = describe(err)
     if json_output:
         typer.echo(json.dumps({"status": "error", "exit": code, "message": message}))
     else:

@@ -235,6 +235,7 @@ def build_store_indexes(
     """
     start = time.perf_counter()
     store = Store.open(store)
+    store.require_embeddings("building indexes")
     budget = memory_budget_bytes or default_memory_budget()
     result = IndexResult()
     for name in _modalities(store, modality):
@@ -410,6 +411,7 @@ _LOADED: dict[Path, tuple[str, faiss.Index, dict]] = {}
 def load_store_index(store: Store | str | os.PathLike, modality: str) -> tuple[faiss.Index, dict]:
     """The saved index of a modality and its params, cached until a new version is saved."""
     store = Store.open(store)
+    store.check_index(modality)  # its files as recorded, covering the current embeddings
     index_dir = store.index_dir()
     key = (index_dir / f"{modality}.faiss").resolve()
     version = read_params(index_dir, modality).get("version")

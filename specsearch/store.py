@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import SpecsearchError
+from .errors import EnvironmentFault, InputError, SpecsearchError
 from .files import (
     ROWS_PER_FILE,
     VERIFY,
@@ -92,6 +93,7 @@ class LockPolicy:
     on_wait: Callable[[str], None] | None = None
 
 
+_VERIFIED: set[tuple] = set()  # (path, mtime, size) of files whose SHA-256 matched the manifest
 _HELD: dict[Path, list] = {}  # store root -> [open lock file, depth]: the lock is re-entrant
 SUBDIRS = ("shards", "embeddings", "indexes", "scores", "reports")
 SCRATCH = ".scratch"
@@ -113,10 +115,11 @@ class Store:
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root)
         if not (self.root / MANIFEST).exists():
-            if not create:
+            holds_data = any((self.root / "shards").glob("release=*"))
+            if not create and not holds_data:
                 raise SpecsearchError(f"{self.root}: not a specsearch store (no {MANIFEST})")
-            if any((self.root / "shards").glob("release=*")):
-                raise SpecsearchError(
+            if holds_data:
+                raise EnvironmentFault(
                     f"{self.root}: the manifest is missing but the store holds data; run "
                     f"'specsearch check --store {self.root} --repair' to rebuild it"
                 )
@@ -125,6 +128,14 @@ class Store:
             with self.writing("create"):
                 if not (self.root / MANIFEST).exists():
                     self.write_manifest({"format": STORE_FORMAT, "created": _now(), "releases": {}})
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> Store:
+        """The store at ``root`` as it is, without reading its manifest (``check`` opens a
+        store whose manifest is missing or damaged this way)."""
+        store = cls.__new__(cls)
+        store.root = Path(root)
+        return store
 
     @classmethod
     def open(cls, store: Store | str | os.PathLike) -> Store:
@@ -142,25 +153,25 @@ class Store:
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except FileNotFoundError:
-            raise SpecsearchError(
+            raise EnvironmentFault(
                 f"{self.root}: the manifest is missing; run "
                 f"'specsearch check --store {self.root} --repair' to rebuild it"
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             reason = getattr(err, "msg", None) or type(err).__name__
-            raise SpecsearchError(self._corrupt(f"not JSON: {reason}")) from None
+            raise EnvironmentFault(self._corrupt(f"not JSON: {reason}")) from None
         if not isinstance(manifest, dict):
-            raise SpecsearchError(self._corrupt(f"a {type(manifest).__name__}, not an object"))
+            raise EnvironmentFault(self._corrupt(f"a {type(manifest).__name__}, not an object"))
         if manifest.get("format") != STORE_FORMAT:
-            raise SpecsearchError(self._corrupt(f"store format {manifest.get('format')!r}"))
+            raise EnvironmentFault(self._corrupt(f"store format {manifest.get('format')!r}"))
         for section, kind in MANIFEST_SECTIONS.items():
             if section in manifest and not isinstance(manifest[section], kind):
-                raise SpecsearchError(self._corrupt(f"'{section}' is not an object"))
+                raise EnvironmentFault(self._corrupt(f"'{section}' is not an object"))
         if "releases" not in manifest:
-            raise SpecsearchError(self._corrupt("no 'releases'"))
+            raise EnvironmentFault(self._corrupt("no 'releases'"))
         for release, entry in manifest["releases"].items():
             if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
-                raise SpecsearchError(self._corrupt(f"release {release!r} lists no files"))
+                raise EnvironmentFault(self._corrupt(f"release {release!r} lists no files"))
         return manifest
 
     def _corrupt(self, why: str) -> str:
@@ -192,7 +203,7 @@ class Store:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 if not LockPolicy.wait:
-                    raise SpecsearchError(
+                    raise EnvironmentFault(
                         f"{self.root}: the store is being written by {holder}; try again later "
                         "(or without --no-wait to wait for it)"
                     ) from None
@@ -204,6 +215,9 @@ class Store:
             handle.write(f"{what} (pid {os.getpid()}, since {_now()})\n")
             handle.flush()
             _HELD[key] = [handle, 1]
+            if self.manifest_path.exists():  # what a killed writer began
+                with contextlib.suppress(SpecsearchError):  # a damaged manifest: 'check'
+                    self._finish_pending()
             self._clean_leftovers()
             try:
                 yield self
@@ -225,6 +239,12 @@ class Store:
                     leftover.unlink(missing_ok=True)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest (the commit point); one that records nothing new is not written,
+        so a run that changes nothing leaves the store byte-identical."""
+        with contextlib.suppress(OSError, ValueError):
+            current = json.loads(self.manifest_path.read_text())
+            if isinstance(current, dict) and _sans_time(current) == _sans_time(manifest):
+                return
         manifest["updated"] = _now()
         write_json_atomic(manifest, self.manifest_path)
 
@@ -282,8 +302,10 @@ class Store:
         sources: list[str] | None = None,
         rows_per_file: int = ROWS_PER_FILE,
         source_fingerprint: str | None = None,
+        replace: bool = False,
     ) -> dict[str, Any]:
-        """Write one release's canonical shards (replacing any earlier write of that release).
+        """Write one release's canonical shards. A release already in the store needs
+        ``replace``: everything derived from it goes in the same commit (``_drop_derived``).
 
         ``tables`` follow SHARD_SCHEMA, in order, and may be a generator: they are streamed into
         part files of ``rows_per_file`` rows (row groups of 4096, or each table's own size when
@@ -293,8 +315,17 @@ class Store:
         from the same files). Returns the manifest entry for the release.
         """
         with self.writing("write release"):
+            self.check_new_release(release, replace)
             return self._write_release(
                 release, tables, rejects, sources, rows_per_file, source_fingerprint
+            )
+
+    def check_new_release(self, release: str, replace: bool) -> None:
+        """A one-line error when ``release`` is in the store and ``replace`` is not given."""
+        if not replace and release in self.read_manifest().get("releases", {}):
+            raise InputError(
+                f"{self.root}: release {release} is already in the store; pass --replace to "
+                "replace it (its embeddings, scores and report go with it)"
             )
 
     def _write_release(
@@ -302,13 +333,14 @@ class Store:
     ) -> dict[str, Any]:
         out_dir = self.shard_dir(release)
         out_dir.mkdir(parents=True, exist_ok=True)
-        # the new files go to a staging folder first, so a write that fails or is killed
-        # part-way leaves the release as it was (a killed write's staging folder is removed by
-        # the next one); then each is renamed into place, and the manifest comes last
-        for stale in out_dir.glob(".staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # the new files go to a staging folder first, so a write that fails or is killed before
+        # they are all written leaves the release as it was (the next writer removes the
+        # folder). Then the intent is recorded in the manifest, the files are renamed into
+        # place and the manifest commits them: a run killed among the renames is finished by
+        # the next writer from the intent and the staging folder (``_finish_pending``).
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
         writer = PartWriter(staging, rows_per_file)
+        intent = False
         try:
             for table in tables:
                 writer.write(table)
@@ -321,34 +353,109 @@ class Store:
                 rejects = rejects()
             rejects = rejects if rejects is not None else REJECTS_SCHEMA.empty_table()
             write_parquet_atomic(rejects, staging / "rejects.parquet")
-            files = [out_dir / path.name for path in staged]
+            # renames keep sizes and times: the records of the staged files hold in place
+            entry = {
+                "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in staged),
+                "rejects": rejects.num_rows,
+                "files": {p.name: file_record(p) for p in staged},
+                "rejects_file": file_record(staging / "rejects.parquet"),
+                "sources": sources or [],
+                "source_fingerprint": source_fingerprint,
+                "ingested": _now(),
+            }
+            manifest = self.read_manifest()
+            manifest.setdefault("pending", {})[release] = {**entry, "staging": staging.name}
+            self.write_manifest(manifest)
+            intent = True
             for path in [*staged, staging / "rejects.parquet"]:
                 os.replace(path, out_dir / path.name)
         except BaseException:
             writer.abort()
+            if not intent:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        keep = {p.name for p in files}
-        for old in out_dir.glob("part-*.parquet"):
-            if old.name not in keep:
-                old.unlink()
-        entry = {
-            "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in files),
-            "rejects": rejects.num_rows,
-            "files": {p.name: file_record(p) for p in files},
-            "sources": sources or [],
-            "source_fingerprint": source_fingerprint,
-            "ingested": _now(),
-        }
-        self._update_manifest("releases", release, entry)
+        self._finish_pending()
         return entry
 
+    def _finish_pending(self) -> list[str]:
+        """Finish the writes whose intent the manifest records (this one, or one killed among
+        its renames): move the files still in the staging folder into place and commit the
+        release, with everything derived from its earlier data dropped. An intent whose files
+        are neither in place nor staged (damaged since) is forgotten, and the release stays
+        as the manifest had it. Returns the releases committed."""
+        manifest = self.read_manifest()
+        pending = manifest.get("pending", {})
+        if not pending:
+            return []
+        doomed, done = [], []
+        for release, intent in pending.items():
+            out_dir = self.shard_dir(release)
+            staging = out_dir / intent.get("staging", ".staging-none")
+            entry = {k: v for k, v in intent.items() if k != "staging"}
+            records = {**entry["files"], "rejects.parquet": entry["rejects_file"]}
+            for name, record in records.items():
+                if not _same(out_dir / name, record) and _same(staging / name, record):
+                    os.replace(staging / name, out_dir / name)
+            doomed.append(staging)
+            if all(_same(out_dir / name, record) for name, record in records.items()):
+                if release in manifest["releases"]:
+                    doomed += self._drop_derived(manifest, release)
+                manifest["releases"][release] = entry
+                doomed += [p for p in out_dir.glob("part-*.parquet") if p.name not in records]
+                done.append(release)
+            elif release not in manifest["releases"]:
+                doomed.append(out_dir)  # a new release that cannot be finished
+        manifest.pop("pending")
+        self.write_manifest(manifest)  # the commit point
+        remove_paths(doomed)
+        return done
+
+    def _drop_derived(self, manifest: dict[str, Any], release: str) -> list[Path]:
+        """Take out of ``manifest`` everything derived from ``release``'s data (its embeddings,
+        scores and report; with the calibration, when it was calibrated on this release, every
+        score). Returns the paths to delete once the manifest is written. Indexes are not
+        touched: they record what they cover, and an index that covered this release is stale
+        (``index_staleness``)."""
+        doomed: list[Path] = []
+        embedded = manifest.get("embeddings", {}).get("releases", {})
+        if embedded.pop(release, None) is not None:
+            doomed.append(self.root / "embeddings" / f"release={release}")
+        manifest.get("embeddings", {}).get("missing", {}).pop(release, None)
+        scores = manifest.get("scores", {})
+        calibration = manifest.get("calibration")
+        if calibration and calibration.get("release") == release:
+            manifest.pop("calibration")
+            doomed.append(self.reference_dir())
+            dropped = list(scores)
+        else:
+            dropped = [release] if release in scores else []
+        for name in dropped:
+            scores.pop(name)
+            doomed.append(self.score_path(name, "x").parent)
+        if manifest.get("reports", {}).pop(release, None) is not None:
+            doomed.append(self.report_dir(release))
+        return doomed
+
+    def remove_release(self, release: str) -> list[Path]:
+        """Remove ``release`` and everything derived from it in one commit (``specsearch release
+        rm``). Returns what was deleted."""
+        with self.writing(f"remove {release}"):
+            manifest = self.read_manifest()
+            if release not in manifest.get("releases", {}):
+                raise InputError(f"{self.root}: release {release} is not in the store")
+            manifest["releases"].pop(release)
+            doomed = [self.shard_dir(release), *self._drop_derived(manifest, release)]
+            self.write_manifest(manifest)
+            remove_paths(doomed)
+            return doomed
+
     def shard_checksums(self, release: str) -> dict[Path, str]:
-        """{shard file: sha256} of one release, as the manifest lists them."""
+        """{shard file: sha256} of one release, as the manifest lists them (each file checked
+        to be the one recorded)."""
         entry = self.read_manifest().get("releases", {}).get(self._check_known(release))
+        rebuild = f"re-run 'specsearch ingest ... --release {release} --replace'"
         return {
-            self.shard_dir(release) / name: _sha(record)
+            self.verify(self.shard_dir(release) / name, record, rebuild): _sha(record)
             for name, record in sorted(entry["files"].items())
         }
 
@@ -357,17 +464,27 @@ class Store:
         a cheap check every reader makes), else a one-line error naming it and ``rebuild``."""
         if not isinstance(record, dict):  # an older manifest: the SHA-256 alone
             if not path.exists():
-                raise SpecsearchError(f"{path}: missing; {rebuild}")
+                raise EnvironmentFault(f"{path}: missing; {rebuild}")
             return path
         try:
             info = path.stat()
         except FileNotFoundError:
-            raise SpecsearchError(f"{path}: missing; {rebuild}") from None
-        if info.st_size != record.get("size") or info.st_mtime_ns != record.get("mtime_ns"):
-            raise SpecsearchError(
-                f"{path}: changed since it was written (size or time differ from the manifest); "
-                f"{rebuild}"
+            raise EnvironmentFault(f"{path}: missing; {rebuild}") from None
+        if info.st_size != record.get("size"):
+            raise EnvironmentFault(
+                f"{path}: changed since it was written ({info.st_size} bytes, the manifest "
+                f"recorded {record.get('size')}); {rebuild}"
             )
+        if info.st_mtime_ns != record.get("mtime_ns"):
+            # touched or copied (cp -r, rsync): trust it only if its content is the same
+            key = (path, info.st_mtime_ns, info.st_size)
+            if key not in _VERIFIED:
+                if file_sha256(path) != record.get("sha256"):
+                    raise EnvironmentFault(
+                        f"{path}: changed since it was written (its SHA-256 differs from the "
+                        f"manifest's); {rebuild}"
+                    )
+                _VERIFIED.add(key)
         return path
 
     def shard_files(self, release: str | None = None) -> list[Path]:
@@ -464,25 +581,77 @@ class Store:
             / name
         )
 
-    def record_embeddings(self, model_id: str) -> dict[str, Any]:
-        """Commit the embedding files on disk to the manifest (with their rows); the embed stage
-        calls this last. Returns the manifest entry."""
-        releases: dict[str, Any] = {}
-        for release in self.releases():
-            for modality in MODALITIES:
-                folder = self.embedding_path(release, modality, "x").parent
-                files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
-                if files:
-                    releases.setdefault(release, {})[modality] = {
-                        p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, **file_record(p)}
-                        for p in files
-                    }
-        entry = {"model_id": model_id, "releases": releases}
+    def record_embeddings(
+        self,
+        model_id: str,
+        done: dict[str, dict[str, list[str]]] | None = None,
+        missing: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """Commit the embed stage's files to the manifest; it calls this last.
+
+        ``done``: {release: {modality: file names}} of the chunks embedded from the current
+        shards; ``missing``: {release: chunks not yet embedded}. Any other embedding file (of a
+        shard since replaced, a release since removed, a chunk killed part-way) is deleted.
+        Without ``done`` (tools that write embedding files themselves) every file on disk of an
+        ingested release is recorded. Returns the manifest entry.
+        """
         with self.writing("record embeddings"):
+            if done is None:
+                done = {
+                    release: {
+                        m: [p.name for p in self.embedding_path(release, m, "x").parent.glob("*")]
+                        for m in MODALITIES
+                    }
+                    for release in self.releases()
+                }
+            missing = {r: n for r, n in (missing or {}).items() if n}
+            releases: dict[str, Any] = {}
+            for release, modalities in done.items():
+                for modality, names in modalities.items():
+                    folder = self.embedding_path(release, modality, "x").parent
+                    found = {}
+                    for name in sorted(names):
+                        path = folder / name
+                        if path.exists():
+                            rows = pq.ParquetFile(path).metadata.num_rows
+                            found[name] = {"rows": rows, **file_record(path)}
+                        else:
+                            missing[release] = missing.get(release, 0) + 1
+                    if found:
+                        releases.setdefault(release, {})[modality] = found
+            entry = {"model_id": model_id, "releases": releases, "missing": missing}
             manifest = self.read_manifest()
             manifest["embeddings"] = entry
             self.write_manifest(manifest)
+            for path in (self.root / "embeddings").glob("release=*/modality=*/*"):
+                release = path.parent.parent.name.removeprefix("release=")
+                modality = path.parent.name.removeprefix("modality=")
+                if path.name not in releases.get(release, {}).get(modality, {}):
+                    path.unlink(missing_ok=True)  # stale: no current shard calls for it
         return entry
+
+    def missing_embeddings(self) -> dict[str, int]:
+        """{release: chunks not yet embedded (-1: none is)} for the releases whose embeddings
+        are incomplete."""
+        embeddings = self.read_manifest().get("embeddings", {})
+        missing = {r: n for r, n in embeddings.get("missing", {}).items() if n}
+        for release in self.releases():  # ingested (or replaced) after the last embed run
+            if release not in embeddings.get("releases", {}):
+                missing[release] = -1
+        return missing
+
+    def require_embeddings(self, action: str) -> None:
+        """A one-line error when some release is not (fully) embedded: ``action`` would use
+        a partial store."""
+        missing = self.missing_embeddings()
+        if missing:
+            where = ", ".join(
+                f"{r} (all)" if n < 0 else f"{r} ({n} chunks)" for r, n in missing.items()
+            )
+            raise SpecsearchError(
+                f"{self.root}: embeddings are incomplete ({where} not embedded); run "
+                f"'specsearch embed --store {self.root}' before {action}"
+            )
 
     def embeddings_model(self) -> str | None:
         """The model id the store's embeddings were made with (None before the first embed)."""
@@ -570,6 +739,46 @@ class Store:
     def reference_dir(self) -> Path:
         """Where the score stage freezes its calibration (floors, tail models, kNN indexes)."""
         return self.root / "scores" / "reference"
+
+    def record_calibration(self, release: str, calibration_id: str) -> None:
+        """Commit the calibration the score stage froze in ``reference_dir`` (every file in it)."""
+        folder = self.reference_dir()
+        files = {
+            p.name: file_record(p)
+            for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        }
+        with self.writing("record calibration"):
+            manifest = self.read_manifest()
+            manifest["calibration"] = {
+                "release": release,
+                "calibration_id": calibration_id,
+                "files": files,
+            }
+            self.write_manifest(manifest)
+
+    def drop_scores(self) -> None:
+        """Forget the calibration and every release's scores in one commit (the next score run
+        calibrates afresh)."""
+        with self.writing("drop scores"):
+            manifest = self.read_manifest()
+            manifest.pop("calibration", None)
+            doomed = [self.reference_dir()]
+            for release in manifest.pop("scores", {}):
+                doomed.append(self.score_path(release, "x").parent)
+            self.write_manifest(manifest)
+            remove_paths(doomed)
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The committed calibration's manifest entry, its files checked (None: not calibrated;
+        files left by a run killed before it committed are not a calibration)."""
+        entry = self.read_manifest().get("calibration")
+        if entry is None:
+            return None
+        rebuild = f"run 'specsearch check --store {self.root} --repair' (it recalibrates)"
+        for name, record in entry["files"].items():
+            self.verify(self.reference_dir() / name, record, rebuild)
+        return entry
 
     def record_scores(self, release: str, entry: dict[str, Any]) -> None:
         """Commit a release's score files (``entry["files"]``: {kind: file name}) and run facts."""
@@ -669,13 +878,155 @@ class Store:
         )
         return table.num_rows
 
+    # ------------------------------------------------------------------ integrity
+
+    def rebuild_manifest(self) -> dict[str, Any]:
+        """A new manifest made from the files, when the manifest is lost or damaged: each
+        release from its shard folder (releases ordered as their files were written) and the
+        marks table. Embeddings, calibration, scores, indexes and reports are left for the
+        stages to record again (``check --repair`` runs them). A damaged manifest is kept
+        beside it as ``manifest.json.damaged``. Returns the new manifest."""
+        with self.writing("rebuild manifest"):
+            if self.manifest_path.exists():
+                os.replace(self.manifest_path, self.root / (MANIFEST + ".damaged"))
+            folders = []
+            for folder in (self.root / "shards").glob("release=*"):
+                parts = sorted(folder.glob("part-*.parquet"))
+                if parts:
+                    folders.append((min(p.stat().st_mtime_ns for p in parts), folder, parts))
+            releases: dict[str, Any] = {}
+            for written, folder, parts in sorted(folders, key=lambda f: f[0]):
+                rejects = folder / "rejects.parquet"
+                releases[folder.name.removeprefix("release=")] = {
+                    "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in parts),
+                    "rejects": pq.ParquetFile(rejects).metadata.num_rows if rejects.exists() else 0,
+                    "files": {p.name: file_record(p) for p in parts},
+                    "rejects_file": file_record(rejects) if rejects.exists() else None,
+                    "sources": [],
+                    "source_fingerprint": None,
+                    "ingested": _dt.datetime.fromtimestamp(
+                        written / 1e9, _dt.timezone.utc
+                    ).isoformat(timespec="seconds"),
+                    "rebuilt": True,
+                }
+            manifest: dict[str, Any] = {
+                "format": STORE_FORMAT,
+                "created": _now(),
+                "rebuilt": _now(),
+                "releases": releases,
+            }
+            if self.marks_path().exists():
+                rows = pq.ParquetFile(self.marks_path()).metadata.num_rows
+                manifest["marks"] = {
+                    "marks.parquet": {"rows": rows, "sha256": file_sha256(self.marks_path())}
+                }
+            self.write_manifest(manifest)
+            return manifest
+
+    def forget(self, section: str, key: str) -> None:
+        """Drop one entry of a derived section (``scores``, ``reports``, ``indexes``) and its
+        files, in one commit (``check --repair``, before it makes them again)."""
+        with self.writing(f"forget {section} {key}"):
+            manifest = self.read_manifest()
+            if manifest.get(section, {}).pop(key, None) is None:
+                return
+            self.write_manifest(manifest)
+            if section == "scores":
+                remove_paths([self.score_path(key, "x").parent])
+
+    def audit(self, on_file: Callable[[int], None] | None = None) -> tuple[list[Problem], int]:
+        """Compare every file the manifest lists with its SHA-256 and size, and find the files
+        no entry lists, stale indexes and unfinished embeddings. Returns (problems, files
+        checked); ``on_file(bytes)`` is called after each file (progress). Raises
+        EnvironmentFault when the manifest itself is missing or corrupt."""
+        manifest = self.read_manifest()
+        problems: list[Problem] = []
+        listed: set[Path] = {self.manifest_path}
+        checked = 0
+
+        def check(path: Path, record: dict | str | None, part: str, **where) -> None:
+            nonlocal checked
+            listed.add(path)
+            if record is None:
+                return
+            if not path.exists():
+                problems.append(Problem("missing", part, path, "listed in the manifest", **where))
+                return
+            size = path.stat().st_size
+            if isinstance(record, dict) and size != record.get("size"):
+                detail = f"{size} bytes, the manifest recorded {record.get('size')}"
+                problems.append(Problem("damaged", part, path, detail, **where))
+            elif file_sha256(path) != _sha(record):
+                problems.append(
+                    Problem("damaged", part, path, "SHA-256 differs from the manifest", **where)
+                )
+            checked += 1
+            if on_file is not None:
+                on_file(size)
+
+        for release, entry in manifest["releases"].items():
+            folder = self.shard_dir(release)
+            for name, record in entry["files"].items():
+                check(folder / name, record, "shards", release=release)
+            check(folder / "rejects.parquet", entry.get("rejects_file"), "rejects", release=release)
+        embeddings = manifest.get("embeddings", {})
+        for release, modalities in embeddings.get("releases", {}).items():
+            for modality, files in modalities.items():
+                for name, record in files.items():
+                    path = self.embedding_path(release, modality, name)
+                    check(path, record, "embeddings", release=release, modality=modality)
+        if manifest.get("embeddings"):
+            for release, n in self.missing_embeddings().items():
+                detail = "not embedded" if n < 0 else f"{n} chunks not embedded"
+                path = self.root / "embeddings" / f"release={release}"
+                problems.append(Problem("incomplete", "embeddings", path, detail, release=release))
+        calibration = manifest.get("calibration")
+        if calibration:
+            for name, record in calibration["files"].items():
+                check(self.reference_dir() / name, record, "calibration")
+        for release, entry in manifest.get("scores", {}).items():
+            for kind, name in entry.get("files", {}).items():
+                record = entry.get("records", {}).get(kind)
+                check(self.score_path(release, name), record, "scores", release=release)
+        for modality, entry in manifest.get("indexes", {}).items():
+            for name, record in entry.get("files", {}).items():
+                check(self.index_dir() / name, record, "index", modality=modality)
+            if entry.get("covers") not in (None, self._embedding_digest(modality)):
+                path = self.index_dir() / f"{modality}.faiss"
+                detail = "built on other embeddings than the store's"
+                problems.append(Problem("stale", "index", path, detail, modality=modality))
+        for name, record in manifest.get("marks", {}).items():
+            check(self.root / "marks" / name, record, "marks")
+        for release, entry in manifest.get("reports", {}).items():
+            for name in entry.get("files", []):
+                path = self.report_dir(release) / name
+                listed.add(path)
+                if not path.exists():
+                    detail = "listed in the manifest"
+                    problems.append(Problem("missing", "report", path, detail, release=release))
+        if manifest.get("pending"):
+            for release in manifest["pending"]:
+                detail = "a write was killed part-way (the next writer finishes or undoes it)"
+                problems.append(
+                    Problem(
+                        "incomplete", "shards", self.shard_dir(release), detail, release=release
+                    )
+                )
+        for sub in ("shards", "embeddings", "scores", "indexes", "marks"):
+            for path in sorted((self.root / sub).rglob("*")):
+                if path.is_dir() or path in listed:
+                    continue
+                problems.append(Problem("orphan", sub, path, "no manifest entry lists it"))
+        return problems, checked
+
     # ------------------------------------------------------------------ indexes
 
     def index_dir(self) -> Path:
         return self.root / "indexes"
 
     def record_index(self, params: dict) -> None:
-        """Commit a saved index's parameters to the manifest."""
+        """Commit a saved index: its parameters, its files (checksums, sizes) and the embedding
+        files it covers (so that a search can tell when the index is stale)."""
         keys = (
             "version",
             "factory",
@@ -688,7 +1039,73 @@ class Store:
             "releases",
             "saved",
         )
-        self._update_manifest("indexes", params["modality"], {key: params.get(key) for key in keys})
+        modality = params["modality"]
+        names = [f"{modality}.faiss", f"{modality}.json", params.get("ivfdata")]
+        entry = {key: params.get(key) for key in keys}
+        entry["files"] = {
+            name: file_record(self.index_dir() / name)
+            for name in names
+            if name and (self.index_dir() / name).exists()
+        }
+        entry["covers"] = self._embedding_digest(modality)
+        self._update_manifest("indexes", modality, entry)
+
+    def _embedding_digest(self, modality: str) -> str:
+        """One SHA-256 over the committed embedding files of a modality (names and checksums)."""
+        recorded = self.read_manifest().get("embeddings", {}).get("releases", {})
+        listing = sorted(
+            f"{release}/{name}:{_sha(record)}"
+            for release, modalities in recorded.items()
+            for name, record in modalities.get(modality, {}).items()
+        )
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+    def check_index(self, modality: str) -> dict[str, Any]:
+        """The manifest entry of a modality's index, after checking that its files are those
+        recorded and that it covers the store's current embeddings: else a one-line error
+        naming the fix."""
+        entry = self.read_manifest().get("indexes", {}).get(modality)
+        rebuild = f"run 'specsearch index build --store {self.root}'"
+        if entry is None:
+            raise SpecsearchError(f"{self.root}: no {modality} index; {rebuild}")
+        for name, record in entry.get("files", {}).items():
+            self.verify(self.index_dir() / name, record, rebuild)
+        if entry.get("covers") not in (None, self._embedding_digest(modality)):
+            raise EnvironmentFault(
+                f"{self.index_dir() / (modality + '.faiss')}: stale: the {modality} embeddings "
+                f"changed since the index was built; {rebuild}"
+            )
+        return entry
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``Store.audit`` found wrong: a file that is ``missing``, ``damaged`` (its SHA-256
+    or size is not the manifest's) or an ``orphan`` (no manifest entry names it), embeddings that
+    are ``incomplete``, an index that is ``stale``. ``part`` says what it belongs to (shards,
+    rejects, embeddings, calibration, scores, index, marks, report); ``release`` and ``modality``
+    where they apply."""
+
+    kind: str
+    part: str
+    path: Path
+    detail: str
+    release: str | None = None
+    modality: str | None = None
+
+    @property
+    def to_do(self) -> bool:
+        """Work not yet done rather than damage: a release not (fully) embedded, an index built
+        before the last embedding. The normal state between two stages of a pipeline."""
+        return (self.kind, self.part) in (("incomplete", "embeddings"), ("stale", "index"))
+
+    @property
+    def derived(self) -> bool:
+        """Whether ``check --repair`` can make it again from the shards."""
+        return self.part not in ("shards", "rejects", "marks")
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.part}: {self.path} ({self.detail})"
 
 
 def writes_store(what: str):
@@ -712,6 +1129,24 @@ def file_record(path: Path) -> dict[str, Any]:
     """What the manifest keeps of a file: its SHA-256, size and modification time."""
     info = path.stat()
     return {"sha256": file_sha256(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def _same(path: Path, record: dict) -> bool:
+    """Whether ``path`` is the file ``record`` describes (size and modification time)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    return info.st_size == record.get("size") and info.st_mtime_ns == record.get("mtime_ns")
+
+
+def remove_paths(paths: Iterable[Path]) -> None:
+    """Delete files and folders (those already gone are fine)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _sha(record: dict | str) -> str:
@@ -738,6 +1173,10 @@ def _latest(table: pa.Table, rank: dict[str, int] | None) -> np.ndarray:
     keep = np.zeros(len(ids), dtype=bool)
     keep[order[last]] = True
     return keep
+
+
+def _sans_time(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in manifest.items() if key != "updated"}
 
 
 def _now() -> str:

@@ -288,7 +288,9 @@ def test_worker_processes_give_the_same_rows_and_rejects(tmp_path, good_files, m
     started = []
     real_pool = specsearch.pool.ProcessPoolExecutor
     monkeypatch.setattr(
-        specsearch.pool, "ProcessPoolExecutor", lambda n: started.append(n) or real_pool(n)
+        specsearch.pool,
+        "ProcessPoolExecutor",
+        lambda n, **kw: started.append(n) or real_pool(n, **kw),
     )
     alone = read_all(paths, batch_size=5)
     assert started == []  # workers=1: no pool

@@ -82,7 +82,9 @@ def test_write_release_round_trip_and_manifest(tmp_path):
 def test_write_release_twice_replaces(tmp_path):
     store = Store(tmp_path)
     store.write_release("DR1", [shard(25)], rows_per_file=10)
-    store.write_release("DR1", [shard(4, first_id=100)], rows_per_file=10)
+    with pytest.raises(SpecsearchError, match="already in the store; pass --replace"):
+        store.write_release("DR1", [shard(4, first_id=100)], rows_per_file=10)
+    store.write_release("DR1", [shard(4, first_id=100)], rows_per_file=10, replace=True)
     parts = sorted(p.name for p in store.shard_dir("DR1").glob("part-*.parquet"))
     assert parts == ["part-00000.parquet"]
     assert store.shards("DR1").to_table().column("source_id").to_pylist() == [100, 101, 102, 103]
@@ -175,7 +177,7 @@ def test_a_write_that_fails_part_way_leaves_the_release_as_it_was(tmp_path):
         raise RuntimeError("reader failed")
 
     with pytest.raises(RuntimeError, match="reader failed"):
-        store.write_release("DR1", tables(), rows_per_file=10)
+        store.write_release("DR1", tables(), rows_per_file=10, replace=True)
     assert store.read_manifest()["releases"]["DR1"] == before
     assert store.shards("DR1").to_table().column("source_id").to_pylist() == list(range(1, 26))
     assert {name: file_sha256(store.shard_dir("DR1") / name) for name in before["files"]} == {

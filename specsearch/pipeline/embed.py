@@ -181,6 +181,15 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
     )
     # a modality is present where the runner could use it (a row of nulls or no good pixel is not)
     present = {"lrs": out["has_lrs"], "xp": out["has_xp"]}
+    # no NaN or infinite vector is ever written (they are stored as float16): such a row is left
+    # out of its modality's file and counted
+    unusable = {}
+    for modality in MODALITIES:
+        finite = np.ones(len(source_id), dtype=bool)
+        for name in (f"{modality}_embedding", f"{modality}_features"):
+            finite &= np.isfinite(np.asarray(out[name]).astype(np.float16)).all(axis=1)
+        unusable[modality] = present[modality] & ~finite
+        present[modality] = present[modality] & finite
     align_cos = out["align_cos"]
     observed = {
         "lrs_flux": lrs_flux,
@@ -199,6 +208,7 @@ def embed_chunk(store_root: str, chunk: Chunk, runner: Any, model_id: str) -> di
         rows = rows.replace_schema_metadata(metadata)
         write_parquet_atomic(rows, path, row_group_size=4096)
         counts[modality] = rows.num_rows
+    counts["non_finite"] = int(sum(u.sum() for u in unusable.values()))
     return counts
 
 
@@ -218,6 +228,7 @@ class EmbedResult:
     chunks: int
     already_done: int
     seconds: float
+    non_finite: int = 0  # spectra whose outputs were not finite, left out of the files
 
     def __str__(self) -> str:
         if not self.chunks:
@@ -225,10 +236,13 @@ class EmbedResult:
                 f"embed: nothing to do ({self.already_done} chunks already embedded "
                 f"with {self.model_id})"
             )
-        return (
+        text = (
             f"embed: {self.lrs} LRS and {self.xp} XP spectra embedded with {self.model_id} "
             f"in {self.chunks} chunks ({self.already_done} already done)"
         )
+        if self.non_finite:
+            text += f"; {self.non_finite} spectra gave non-finite outputs and were left out"
+        return text
 
 
 @writes_store("embed")
@@ -259,9 +273,11 @@ def embed_store(
         raise SpecsearchError(
             f"{st.root}: embedded with model {recorded}; use --model {recorded} or a new store for {model_id}"
         )
-    chunks = plan_chunks(st, release, chunk_rows)
-    todo = [c for c in chunks if not chunk_is_done(st, c, model_id)][:max_chunks]
-    counts = {"lrs": 0, "xp": 0}
+    planned = plan_chunks(st, None, chunk_rows)  # every release: what the manifest should list
+    chunks = [c for c in planned if release in (None, c.release)]
+    pending = [c for c in planned if not chunk_is_done(st, c, model_id)]
+    todo = [c for c in pending if release in (None, c.release)][:max_chunks]
+    counts = {"lrs": 0, "xp": 0, "non_finite": 0}
     if todo:
         if engine == "ray":
             from .embed_ray import embed_chunks_ray
@@ -269,14 +285,23 @@ def embed_store(
             counts = embed_chunks_ray(str(st.root), todo, model, device, ray_address)
         else:
             counts = _embed_chunks_local(st, todo, runner, model_id, show_progress)
-    if todo or not recorded:
-        st.record_embeddings(model_id)
+    left = set(pending) - set(todo)  # chunks still to embed (another release, max_chunks)
+    done: dict[str, dict[str, list[str]]] = {}
+    missing: dict[str, int] = {}
+    for chunk in planned:
+        if chunk in left:
+            missing[chunk.release] = missing.get(chunk.release, 0) + 1
+            continue
+        for modality in MODALITIES:
+            done.setdefault(chunk.release, {}).setdefault(modality, []).append(chunk.name)
+    st.record_embeddings(model_id, done, missing)
     return EmbedResult(
         model_id=model_id,
         lrs=counts["lrs"],
         xp=counts["xp"],
         chunks=len(todo),
-        already_done=len(chunks) - len(todo),
+        already_done=len(chunks) - len([c for c in pending if c in chunks]),
+        non_finite=counts.get("non_finite", 0),
         seconds=time.perf_counter() - start,
     )
 
@@ -284,7 +309,7 @@ def embed_store(
 def _embed_chunks_local(
     st: Store, todo: list[Chunk], runner: Any, model_id: str, show_progress: bool
 ) -> dict[str, int]:
-    total = {"lrs": 0, "xp": 0}
+    total = {"lrs": 0, "xp": 0, "non_finite": 0}
     n_rows = sum(c.stop - c.start for c in todo)
     with progress("embed", n_rows, show_progress, unit="stars") as advance:
         for chunk in todo:

@@ -26,7 +26,7 @@ class _EmbedActor:
         self.runner = SpecCLIPRunner(model, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        lrs, xp = [], []
+        counts_by_kind: dict[str, list[int]] = {"lrs": [], "xp": [], "non_finite": []}
         for i in range(len(batch["start"])):
             chunk = Chunk(
                 release=str(batch["release"][i]),
@@ -36,9 +36,9 @@ class _EmbedActor:
                 stop=int(batch["stop"][i]),
             )
             counts = embed_chunk(self.store_root, chunk, self.runner, self.runner.model_id)
-            lrs.append(counts["lrs"])
-            xp.append(counts["xp"])
-        return {"lrs": np.asarray(lrs), "xp": np.asarray(xp)}
+            for kind, values in counts_by_kind.items():
+                values.append(counts[kind])
+        return {kind: np.asarray(values) for kind, values in counts_by_kind.items()}
 
 
 def embed_chunks_ray(
@@ -84,4 +84,4 @@ def embed_chunks_ray(
     finally:
         if started:
             ray.shutdown()
-    return {"lrs": int(sum(r["lrs"] for r in rows)), "xp": int(sum(r["xp"] for r in rows))}
+    return {kind: int(sum(r[kind] for r in rows)) for kind in ("lrs", "xp", "non_finite")}

@@ -87,6 +87,7 @@ def ingest(
     rows_per_file: int = ROWS_PER_FILE,
     workers: int | None = None,
     show_progress: bool = True,
+    replace: bool = False,
 ) -> IngestResult:
     """Ingest ``source`` (a file or a folder) as release ``release`` of ``store``.
 
@@ -96,8 +97,10 @@ def ingest(
     batch_size: LAMOST files resampled together; rows_per_batch: rows per batch for tables;
     rows_per_file: stars per shard file; workers: processes reading LAMOST and Gaia XP files
     (default one per core; one LAMOST batch or one XP file is read in this process).
-    Raises InputError for a bad single file or an empty release (the store is then left as it
-    was; a store this call created is removed).
+    A release already in the store needs ``replace``: its old rows and everything derived from
+    them (embeddings, scores, report) leave the store in the same commit as the new rows come.
+    Raises InputError for a bad single file, an empty release or an existing release without
+    ``replace`` (the store is then left as it was; a store this call created is removed).
     """
     start = time.perf_counter()
     source = Path(source)
@@ -120,6 +123,7 @@ def ingest(
             progress_bar(show_progress) as bar,
             store.scratch("ingest", release) as spill_dir,
         ):
+            store.check_new_release(release, replace)  # before reading a file
             runs, formats = scan_source(
                 source,
                 release,
@@ -138,6 +142,7 @@ def ingest(
                 sources=[str(source.resolve())],
                 rows_per_file=rows_per_file,
                 source_fingerprint=source_fingerprint(source),
+                replace=replace,
             )
     except BaseException:
         if created:  # a failed first ingest leaves no half-made store behind

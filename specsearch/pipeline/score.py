@@ -54,6 +54,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -939,7 +940,7 @@ def default_threshold(n_stars: int) -> float:
 
 def load_reference(store: Store) -> Reference | None:
     """The store's frozen calibration, or None before the first score run."""
-    if not (store.reference_dir() / CALIBRATION_FILE).exists():
+    if store.calibration() is None:
         return None
     return Reference.load(store.reference_dir())
 
@@ -987,6 +988,7 @@ def score_store(
     model_id = st.embeddings_model()
     if model_id is None:
         raise SpecsearchError(f"{st.root}: no embeddings; run 'specsearch embed' first")
+    st.require_embeddings("scoring")
     frozen = load_reference(st)
     if frozen is not None and reference is not None and reference != frozen.release:
         raise SpecsearchError(
@@ -1006,7 +1008,9 @@ def score_store(
     if frozen is None:
         ref_release = reference or releases[0]
         frozen, stats, ids = fit_reference(st, ref_release, runner, show_progress)
+        shutil.rmtree(st.reference_dir(), ignore_errors=True)  # a killed run's, uncommitted
         frozen.save(st.reference_dir())
+        st.record_calibration(ref_release, frozen.calibration_id)
         reference_stats = (ref_release, stats, ids)
         result.calibrated = True
     wanted = [release] if release else releases
