@@ -15,7 +15,13 @@ Trials, each on a fresh copy of a small store (300 + 200 stars of the bundled sa
     python benchmarks/bench_faults.py [--work /tmp/bench-faults] [--kills 6] [--fuzz 100]
 
 Prints the table of trials per kind with data lost, silent wrong answers, tracebacks and other
-failures, and writes benchmarks/results/faults.json (every trial, with what it saw).
+failures, and writes benchmarks/results/faults.json (every trial, with what it saw). The kinds
+can run as separate processes side by side and be tabulated together:
+
+    python benchmarks/bench_faults.py --only kill --work /tmp/f1 --out /tmp/f1.json &
+    python benchmarks/bench_faults.py --only writers,disk,damage --work /tmp/f2 --out /tmp/f2.json &
+    python benchmarks/bench_faults.py --only fuzz,crash --work /tmp/f3 --out /tmp/f3.json
+    python benchmarks/bench_faults.py --merge /tmp/f1.json /tmp/f2.json /tmp/f3.json
 """
 
 from __future__ import annotations
@@ -142,7 +148,12 @@ def main() -> None:
     parser.add_argument(
         "--only", default=None, help="comma list: kill,writers,disk,damage,fuzz,crash"
     )
+    parser.add_argument("--out", type=Path, default=RESULTS / "faults.json")
+    parser.add_argument("--merge", type=Path, nargs="+", help="tabulate these runs' JSON together")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -205,15 +216,39 @@ def main() -> None:
         for trial in bad[:20]:
             print(f"       {trial.detail}: {(trial.tracebacks + trial.problems)[0][:200]}")
 
+    table = tabulate(
+        [(t.kind, t.lost, len(t.wrong), len(t.tracebacks), bool(t.errors), len(t.problems))
+         for t in trials]
+    )  # fmt: skip
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\n{len(trials)} trials in {minutes:.1f} min")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = {
+        "machine": platform.platform(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "minutes": minutes,
+        "table": {k: dict(v) for k, v in table.items()},
+        "failed": [t.to_dict() for t in trials if not t.passed],
+        "trials": [
+            {"kind": t.kind, "detail": t.detail, "passed": t.passed, "seconds": t.seconds,
+             "counts": [t.lost, len(t.wrong), len(t.tracebacks), bool(t.errors), len(t.problems)]}
+            for t in trials
+        ],
+    }  # fmt: skip
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+def tabulate(rows: list[tuple]) -> dict:
+    """Print the table of (kind, lost, wrong, tracebacks, one-line error, other failures) rows."""
     table = collections.OrderedDict()
-    for trial in trials:
-        row = table.setdefault(trial.kind, collections.Counter())
+    for kind, lost, wrong, tracebacks, errors, problems in rows:
+        row = table.setdefault(kind, collections.Counter())
         row["trials"] += 1
-        row["lost"] += trial.lost
-        row["wrong"] += len(trial.wrong)
-        row["tracebacks"] += len(trial.tracebacks)
-        row["one-line errors"] += bool(trial.errors)
-        row["other failures"] += len(trial.problems)
+        row["lost"] += lost
+        row["wrong"] += wrong
+        row["tracebacks"] += tracebacks
+        row["one-line errors"] += errors
+        row["other failures"] += problems
     print()
     print("| fault | trials | data lost | silent wrong answers | tracebacks | "
           "one-line errors | other failures |")  # fmt: skip
@@ -224,21 +259,25 @@ def main() -> None:
     total = sum((row for row in table.values()), collections.Counter())
     print(f"| **all** | {total['trials']} | {total['lost']} | {total['wrong']} | "
           f"{total['tracebacks']} | {total['one-line errors']} | {total['other failures']} |")  # fmt: skip
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"\n{len(trials)} trials in {minutes:.1f} min")
-    RESULTS.mkdir(exist_ok=True)
-    out = {
-        "machine": platform.platform(),
-        "args": {k: str(v) for k, v in vars(args).items()},
+    return table
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in paths]
+    trials = [t for run in runs for t in run["trials"]]
+    table = tabulate([(t["kind"], *t["counts"]) for t in trials])
+    minutes = sum(run["minutes"] for run in runs)
+    print(f"\n{len(trials)} trials in {minutes:.1f} min of runs ({len(runs)} side by side)")
+    merged = {
+        "machine": runs[0]["machine"],
+        "runs": [run["args"] for run in runs],
         "minutes": minutes,
         "table": {k: dict(v) for k, v in table.items()},
-        "failed": [t.to_dict() for t in trials if not t.passed],
-        "trials": [
-            {"kind": t.kind, "detail": t.detail, "passed": t.passed, "seconds": t.seconds}
-            for t in trials
-        ],
+        "failed": [f for run in runs for f in run["failed"]],
+        "trials": trials,
     }
-    (RESULTS / "faults.json").write_text(json.dumps(out, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
 
 
 if __name__ == "__main__":

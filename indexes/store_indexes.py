@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from specsearch.errors import InputError, SpecsearchError
+from specsearch.errors import EnvironmentFault, InputError, SpecsearchError
 from specsearch.progress import progress
 from specsearch.schema import MODALITIES, check_modality
 from specsearch.store import Store
@@ -411,7 +411,7 @@ _LOADED: dict[Path, tuple[str, faiss.Index, dict]] = {}
 def load_store_index(store: Store | str | os.PathLike, modality: str) -> tuple[faiss.Index, dict]:
     """The saved index of a modality and its params, cached until a new version is saved."""
     store = Store.open(store)
-    store.check_index(modality)  # its files as recorded, covering the current embeddings
+    entry = store.check_index(modality)  # its files as recorded, covering the current embeddings
     index_dir = store.index_dir()
     key = (index_dir / f"{modality}.faiss").resolve()
     version = read_params(index_dir, modality).get("version")
@@ -421,6 +421,12 @@ def load_store_index(store: Store | str | os.PathLike, modality: str) -> tuple[f
         # 0.2 s at 1M). Indexes with on-disk lists (.ivfdata) are mapped by load_index already.
         on_disk = bool(read_params(index_dir, modality).get("ivfdata"))
         index, params = load_index(index_dir, modality, mmap=None if on_disk else True)
+        if (index.ntotal, index.d) != (entry.get("n", index.ntotal), entry.get("d", index.d)):
+            raise EnvironmentFault(
+                f"{key}: holds {index.ntotal} vectors of {index.d} dimensions, the manifest "
+                f"recorded {entry.get('n')} of {entry.get('d')}; run 'specsearch index build "
+                f"--store {store.root}'"
+            )
         _LOADED[key] = (params["version"], index, params)
         cached = _LOADED[key]
     return cached[1], cached[2]
@@ -450,4 +456,10 @@ def search_store(
         raise SpecsearchError("a query vector is zero, NaN or infinite")
     similarities, ids = index.search(np.ascontiguousarray(queries / norms), k)
     similarities[ids < 0] = np.nan
+    if np.nanmax(np.abs(similarities), initial=0.0) > 1.01:  # unit vectors: |cos| <= 1
+        raise EnvironmentFault(
+            f"{Store.open(store).index_dir() / (modality + '.faiss')}: damaged (a similarity of "
+            f"{np.nanmax(np.abs(similarities)):.3g}); run 'specsearch index build --store "
+            f"{Store.open(store).root}'"
+        )
     return similarities, ids

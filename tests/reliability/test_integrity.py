@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from specsearch.cli.app import app
 from specsearch.files import file_sha256
-from tests.reliability.harness import damage
+from tests.reliability.harness import cli, damage
 
 runner = CliRunner()
 
@@ -177,3 +177,35 @@ def test_check_of_an_intact_store_verifies_every_file(store):
     assert listed >= n_files + 4  # shards and rejects, embeddings, scores, indexes, calibration
     assert "all intact" in result.stdout
     assert file_sha256(store / "manifest.json")  # untouched and readable
+
+
+def test_an_index_of_the_other_modality_copied_over_is_not_served(store, probe_id):
+    shutil.copy(store / "indexes" / "lrs.faiss", store / "indexes" / "xp.faiss")
+    result = run("search", "--store", store, "--source-id", probe_id, "--modality", "xp")
+    line = one_line_error(result, code=1)
+    assert "xp.faiss" in line and "index build" in line, line
+
+
+def test_bit_rot_inside_an_index_is_refused_even_with_its_time_kept(store, probe_id):
+    """Damage that keeps a file's size and time is not re-hashed on every read (``check`` finds
+    it): a search still refuses vectors whose similarities no unit vectors can have."""
+    query = ["search", "--store", store, "--source-id", probe_id, "--modality", "xp", "-k", "50"]
+    clean = run(*query, "--format", "csv")
+    assert clean.exit_code == 0
+    path = store / "indexes" / "xp.faiss"
+    stat = path.stat()
+    rng = random.Random(5)
+    with open(path, "r+b") as f:
+        f.seek(stat.st_size // 3)
+        f.write(rng.randbytes(stat.st_size // 3))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # a fresh process, as a user's (this one holds the index it loaded before the damage)
+    result = cli("search", "--store", str(store), "--source-id", str(probe_id), "--modality", "xp")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "xp.faiss" in line and "index build" in line, line
+    check = run("check", "--store", store)
+    assert check.exit_code == 1 and f"damaged index: {path}" in check.stdout
+    assert run("check", "--store", store, "--repair").exit_code == 0
+    again = run(*query, "--format", "csv")
+    assert again.exit_code == 0 and again.stdout == clean.stdout
