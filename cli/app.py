@@ -10,12 +10,18 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from specsearch.errors import NotBuiltError, SpecsearchError, describe
+
+# astropy says in warnings what it repairs or ignores in a damaged FITS or VOTable file; the
+# readers' own one-line errors and reject reasons say what matters to the user
+warnings.filterwarnings("ignore", module=r"astropy(\.|$)")
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"numpy\.ma(\.|$)")
 
 app = typer.Typer(
     name="specsearch",
