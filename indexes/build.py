@@ -139,6 +139,11 @@ def merge_ondisk(
     for lists in sources:
         pointers.push_back(lists)
     ntotal = ondisk.merge_from_multiple(pointers.data(), pointers.size(), False)
+    if ondisk.totsize:
+        # the merge leaves the space it wrote on the free list, so a list that grows later
+        # would be moved over other lists' data: claim that space (a reloaded index rebuilds
+        # its free list from the lists and is right already)
+        ondisk.allocate_slot(ondisk.totsize)
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # the index owns its lists now
     ivf.ntotal = index.ntotal = ntotal

@@ -231,6 +231,22 @@ def test_sharded_build_equals_single_build(tmp_path, clustered):
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], expected[1])
 
 
+def test_merged_ondisk_lists_take_more_vectors(tmp_path, clustered):
+    """Vectors added to merged on-disk lists (as an extension does) land beside the merged ones,
+    not over them."""
+    vectors, ids = clustered
+    trained = make_index("IVF64,SQ8", D)
+    trained.train(vectors[::2])
+    shards = [(vectors[:5000], ids[:5000]), (vectors[5000:11_000], ids[5000:11_000])]
+    merged = build_sharded_index(trained, shards, tmp_path, "xp.ivfdata", show_progress=False)
+    merged.add_with_ids(vectors[11_000:12_000], ids[11_000:12_000])  # every list grows
+    held = index_ids(merged)
+    assert len(held) == len(set(held)) == 12_000 and set(held) == set(ids[:12_000])
+    faiss.extract_index_ivf(merged).nprobe = 64
+    _, found = merged.search(vectors[:12_000:50], 1)
+    assert (found[:, 0] == ids[:12_000:50]).all()
+
+
 class FakeGpu(GpuDevice):
     """The GPU branch with copies standing in for the transfers."""
 
