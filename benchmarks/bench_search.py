@@ -259,7 +259,7 @@ def hnswlib_method(database, ids, m: int, args) -> Method | None:
         lambda q, k: index.knn_query(q, k=k, num_threads=1)[0],
         set_knob=index.set_ef,
         knob="ef",
-        knob_from=1,
+        knob_from=args.k,  # hnswlib searches max(ef, k) wide
     )
 
 
