@@ -46,6 +46,7 @@ from .measure import (
     sample_queries_streaming,
     set_search_params,
     tune,
+    tuning_queries,
 )
 
 METRIC = "inner_product"
@@ -147,7 +148,7 @@ def build_index(
     seed: int = 0,
     *,
     exact_threshold: int = EXACT_THRESHOLD,
-    n_queries: int = 1000,
+    n_queries: int | None = None,
     exclude_self: bool = True,
     speed_for: str = "single",
     device: str | CpuDevice = "auto",
@@ -171,7 +172,7 @@ def build_index(
         exact_threshold: below this many vectors "auto" builds an exact Flat index.
         n_queries: queries of each kind that recall is measured on: stars of the set searched
             for their neighbours, and as many stars held out of the index until it is tuned
-            (then added), searched as vectors new to it.
+            (then added), searched as vectors new to it (default ``tuning_queries(n)``).
         exclude_self: the stars of the set leave their own id out of both their exact and their
             approximate neighbours (default), as search-by-star and the kNN graph do. False
             counts it (it is always found), which overstates recall by ~(1 - recall)/k.
@@ -193,7 +194,7 @@ def build_index(
     budget = memory_budget_bytes or default_memory_budget()
     auto = factory == "auto"
     exclude_self = exclude_self and n > 1
-    held, kept, self_rows = _query_rows(n, n_queries, seed)
+    held, kept, self_rows = _query_rows(n, n_queries or tuning_queries(n), seed)
     k = min(k, len(kept) - 1 if exclude_self else len(kept))
     indexed, indexed_ids = np.ascontiguousarray(embeddings[kept]), ids[kept]
     exact = n < exact_threshold and index_bytes("IDMap2,Flat", n, d) <= budget
@@ -411,7 +412,7 @@ def build_index_streaming(
     k: int = 10,
     seed: int = 0,
     *,
-    n_queries: int = 1000,
+    n_queries: int | None = None,
     exclude_self: bool = True,
     shard_size: int | None = None,
     device: str | CpuDevice = "auto",
@@ -438,6 +439,7 @@ def build_index_streaming(
             f"factory {chosen!r} is not an inverted file: it cannot be built in shards"
         )
     nlist = faiss.extract_index_ivf(trained).nlist
+    n_queries = n_queries or tuning_queries(n)
     n_held = min(n_queries, n // 10) if n >= 20 else 0
     sample_size = min(n, max(TRAIN_POINTS_PER_LIST * nlist, n_queries + n_held))
 

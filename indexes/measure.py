@@ -312,8 +312,22 @@ class Knob:
 
 CONFIDENCE_Z = 1.0
 """Tuning asks that mean recall minus this many standard errors reach the target on each kind of
-query: a margin of one standard error (about 0.0025 on 1,000 queries near recall 0.95), so the
-setting chosen reaches the target on other queries too, most of the time."""
+query: a margin of one standard error (0.0025 to 0.004 on 1,000 queries near recall 0.95, half
+that on 4,000; see ``tuning_queries``), so the setting chosen reaches the target on other queries
+too, most of the time."""
+
+
+def tuning_queries(n: int) -> int:
+    """Queries of each kind that recall is tuned on, for a set of n vectors: one per 250 vectors,
+    at least 1,000 and at most 4,000.
+
+    The margin of one standard error is paid on every search the index then serves (on the XP
+    embeddings of 1M stars it was two steps of efSearch, ~15% of the speed). A large set serves
+    the most searches and its build dwarfs exact search over a few thousand queries, so it is
+    tuned on more of them; a small one keeps its build quick.
+    """
+    return int(min(4000, max(1000, n // 250)))
+
 
 PLATEAU = 0.001
 """A knob that doubled without raising recall by this much has stopped helping: tuning gives up."""

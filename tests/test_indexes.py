@@ -38,6 +38,7 @@ from specsearch.indexes import (
 from specsearch.indexes.choose import candidate_factories, cost_growth, index_bytes
 from specsearch.indexes.device import _clip_nprobe
 from specsearch.indexes.io import rebuild_reason
+from specsearch.indexes.measure import tuning_queries
 from specsearch.store import Store
 
 D = 32
@@ -72,6 +73,17 @@ def test_choice_follows_size_and_memory():
     assert choose_factory(1_000_000, 128, memory_budget_bytes=100_000_000).endswith(",PQ64")
     with pytest.raises(SpecsearchError):
         choose_factory(1_000_000, 128, memory_budget_bytes=1_000)
+
+
+def test_a_larger_set_is_tuned_on_more_queries():
+    # one per 250 vectors, from 1,000 (up to 250,000 vectors) to 4,000 (from a million)
+    assert [tuning_queries(n) for n in (20_000, 250_000, 500_000, 1_000_000, 10**8)] == [
+        1000,
+        1000,
+        2000,
+        4000,
+        4000,
+    ]
 
 
 def test_auto_reaches_target_recall_on_both_kinds_of_query(clustered, auto_index):
