@@ -180,7 +180,7 @@ def index_family(factory: str) -> str:
 # --- the measured choice
 
 SAMPLE = 200_000
-"""Candidates are first measured on at most this many vectors (each build there takes seconds)."""
+"""Candidates are first measured on at most this many vectors (a build there takes 4 to 45 s)."""
 
 FINALISTS = 2
 """Candidates timed side by side (and, for a set larger than SAMPLE, built on all of it)."""
