@@ -1,28 +1,43 @@
-"""Nearest-neighbour search: specsearch's auto FAISS index against the alternatives, side by side.
+"""Nearest-neighbour search: specsearch's auto index against its peers, side by side in one run.
 
-For each N, on the same database and held-out queries:
+For each N, on the same database and the same held-out queries (vectors not in the index):
 
-- ``auto``: ``specsearch.indexes.build_index`` (chosen and tuned to --target-recall);
-- ``faiss-flat``: exact FAISS inner-product search (also the ground truth);
-- ``sklearn``: ``cosine_similarity`` + ``argpartition``, chunked (the original release's retrieval);
-- ``duckdb``: ``array_cosine_similarity`` over the Parquet file, top-k by ``max_by`` (a subset).
+- ``auto``: ``specsearch.indexes.build_index`` as a user gets it (it measures its candidates and
+  tunes itself; nothing here adjusts it); and, when its record says the fastest in a batch is
+  another candidate, ``auto --speed-for batch`` too;
+- hand-tuned FAISS: graphs (``HNSW8,SQfp16``, ``HNSW16,SQfp16``, ``HNSW16,Flat``,
+  ``HNSW32,Flat``) and inverted files with an HNSW quantiser (SQfp16 with half the lists auto
+  would take, SQ8 with as many);
+- ``hnswlib`` (M=16 and M=32, ef_construction 200), ``usearch`` (bf16, connectivity 16) and
+  ``autofaiss`` (its own choice and settings, then the same index re-tuned), when installed
+  (``pip install -e .[bench]``; autofaiss with ``--no-deps``, see ``pyproject.toml``);
+- exact FAISS search (also the ground truth); with ``--naive``, scikit-learn and DuckDB.
 
-Reports build time, batch QPS (all queries in one call), single-query latency and recall@k,
-prints a table and writes ``benchmarks/results/search_<N>.json``.
+Every peer's knob (efSearch, nprobe, ef, expansion) is set to the smallest value whose recall@k
+on the evaluation queries themselves reaches --target-recall: the most favourable tuning a peer
+could have. Then all are timed in --rounds interleaved rounds (the order shuffled each round, so
+a shared machine's passing load falls on all alike): batch QPS (all queries in one call, on
+--threads threads) and single-query latency (the median of --single one-query calls, one
+thread); the table gives the median over rounds, the build time, the size of the index as saved,
+and the ratios of auto to the best configuration that reaches the target recall. Writes
+``benchmarks/results/search_<source>_<N>.json``.
 
-    python benchmarks/bench_search.py --n 100000 1000000
-    python benchmarks/bench_search.py --n 1000000 --embeddings STORE/embeddings --modality xp
+    python benchmarks/bench_search.py --n 200000 1000000 --embeddings STORE/embeddings --modality xp
+    python benchmarks/bench_search.py --n 100000            # synthetic clustered vectors
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -35,57 +50,41 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.metrics.pairwise import cosine_similarity
 
-from specsearch.indexes import (
-    build_index,
-    recall_at_k,
-    sphere_mixture,
-    tune_search_params,
-)
+from specsearch.indexes import build_index, default_memory_budget, nlist_for, recall_at_k
+from specsearch.indexes.measure import one_thread, search_knob, set_search_params
 
 RESULTS = Path(__file__).parent / "results"
+ID_OFFSET, ID_STRIDE = 1_000_000, 7  # sparse ids, like source_ids
+AUTO_NAMES = ("auto", "auto, for batch")
+console = Console(stderr=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--n", type=int, nargs="+", default=[100_000, 1_000_000], help="database sizes"
-    )
+    parser.add_argument("--n", type=int, nargs="+", default=[200_000], help="database sizes")
     parser.add_argument("--d", type=int, default=128, help="dimension of synthetic vectors")
     parser.add_argument(
-        "--clusters-per",
-        type=int,
-        default=1000,
-        help="synthetic: one cluster per this many vectors",
+        "--clusters-per", type=int, default=1000, help="synthetic: one cluster per this many"
     )
     parser.add_argument(
         "--intrinsic-dim", type=int, default=16, help="synthetic: 0 for isotropic clusters"
     )
-    parser.add_argument(
-        "--spread", type=float, default=0.5, help="synthetic: cluster radius (noise norm)"
-    )
+    parser.add_argument("--spread", type=float, default=0.5, help="synthetic: cluster radius")
     parser.add_argument(
         "--embeddings", type=Path, help="Parquet file or folder with an 'embedding' column"
     )
     parser.add_argument("--modality", help="with --embeddings: keep rows of this modality")
-    parser.add_argument(
-        "--queries", type=int, default=1000, help="held-out queries for batch QPS and recall"
-    )
-    parser.add_argument(
-        "--single", type=int, default=200, help="queries timed one at a time (auto, flat)"
-    )
-    parser.add_argument(
-        "--sklearn-queries", type=int, default=1000, help="queries run through scikit-learn"
-    )
-    parser.add_argument(
-        "--sklearn-chunk", type=int, default=100, help="queries per cosine_similarity call"
-    )
-    parser.add_argument("--duckdb-queries", type=int, default=50, help="queries run through DuckDB")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="batch timings of FAISS: best of this many"
-    )
+    parser.add_argument("--queries", type=int, default=5000, help="held-out evaluation queries")
+    parser.add_argument("--single", type=int, default=300, help="one-query searches a round")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=2, help="threads of batch searches")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="methods to leave out (by name prefix)"
+    )
+    parser.add_argument("--naive", action="store_true", help="also scikit-learn and DuckDB")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -94,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic(n: int, args) -> tuple[np.ndarray, dict]:
+    from specsearch.indexes import sphere_mixture
+
     clusters = max(16, n // args.clusters_per)
     vectors = sphere_mixture(
         n + args.queries,
@@ -113,7 +114,11 @@ def synthetic(n: int, args) -> tuple[np.ndarray, dict]:
 
 
 def from_parquet(n: int, args) -> tuple[np.ndarray, dict]:
-    """Unit vectors from real embeddings: n + queries rows drawn at random (fewer if fewer exist)."""
+    """Unit vectors from real embeddings: n + queries rows drawn at random (fewer if fewer exist).
+
+    Drawn rows whose embedding is zero or not finite (a star the encoder could not embed) are
+    dropped, not normalised into NaN: the data record counts them.
+    """
     dataset = ds.dataset(args.embeddings, format="parquet", partitioning="hive")
     selection = None
     if args.modality:
@@ -127,118 +132,284 @@ def from_parquet(n: int, args) -> tuple[np.ndarray, dict]:
     )
     kind = column.type
     d = kind.list_size if pa.types.is_fixed_size_list(kind) else len(column[0])
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
     rng = np.random.default_rng(args.seed)
     take = min(len(vectors), n + args.queries)
-    vectors = vectors[rng.choice(len(vectors), take, replace=False)]
+    vectors = vectors[rng.choice(len(vectors), take, replace=False)].astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    usable = np.isfinite(norms) & (norms > 0)
+    if not usable.all():
+        console.print(
+            f"dropped {int((~usable).sum()):,} drawn rows with a zero or non-finite embedding"
+        )
+    vectors = vectors[usable] / norms[usable, None]
     return vectors, {
         "source": str(args.embeddings),
         "modality": args.modality,
         "d": d,
         "rows_available": int(len(column)),
+        "rows_dropped_not_finite_or_zero": int((~usable).sum()),
     }
 
 
 # --- the methods
 
 
-def time_single(search, queries: np.ndarray, count: int) -> float:
-    """Median milliseconds of one-query searches over the first ``count`` queries."""
-    search(queries[:1])  # warm up: thread pools, caches
-    times = []
-    for query in queries[:count]:
-        start = time.perf_counter()
-        search(query[None, :])
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+@dataclass
+class Method:
+    """An index under test: how to search it in a batch and one query at a time, and its knob.
+
+    ``batch(queries, k)`` and ``one(query, k)`` return labels (nq, k); ``to_ids`` turns labels
+    into ids (FAISS peers return row numbers). ``set_knob(v)`` sets the knob; ``knob_from`` is
+    its smallest useful value.
+    """
+
+    name: str
+    build_s: float
+    nbytes: int
+    batch: Callable[[np.ndarray, int], np.ndarray]
+    one: Callable[[np.ndarray, int], np.ndarray]
+    to_ids: Callable[[np.ndarray], np.ndarray] = lambda labels: labels
+    set_knob: Callable[[int], None] | None = None
+    knob: str = ""
+    knob_from: int = 1
+    knob_to: int = 4096
+    setting: str = ""
+    describe: Callable[[int], str] | None = None
+    extra: dict = field(default_factory=dict)
 
 
-def best_time(run, repeats: int, enough_s: float = 10.0):
-    """(fastest wall time in seconds, last result) of up to ``repeats`` runs: the machine is
-    shared. A run longer than ``enough_s`` is not repeated."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-        if times[-1] > enough_s:
-            break
-    return min(times), result
+def faiss_method(
+    name: str, index: faiss.Index, build_s: float, ids: np.ndarray, args, labels_are_ids=False
+) -> Method:
+    """A FAISS index searched as its users would: the batch on --threads threads, one query on
+    one thread (as ``search_store`` does); its knob is the one ``build_index`` tunes."""
+
+    def batch(queries, k):
+        faiss.omp_set_num_threads(args.threads)
+        return index.search(queries, k)[1]
+
+    def one(query, k):
+        with one_thread():
+            return index.search(query, k)[1]
+
+    knob = search_knob(index, args.k)
+    method = Method(
+        name,
+        build_s,
+        len(faiss.serialize_index(index)),
+        batch,
+        one,
+        extra={"index": index},
+    )
+    if not labels_are_ids:
+        method.to_ids = lambda labels: np.where(labels < 0, -1, ids[labels])
+    if knob is not None:
+        method.set_knob = lambda v: set_search_params(index, knob.to_string(v))
+        method.knob, method.knob_from = knob.name, knob.values[0]
+        method.describe = knob.to_string
+    return method
 
 
-def measure(index, label: str, build_s: float, queries, true_ids, args) -> dict:
-    """Batch QPS, single-query latency and recall@k of a built index."""
-    batch_s, (_, found) = best_time(lambda: index.search(queries, args.k), args.repeats)
-    single_ms = time_single(lambda q: index.search(q, args.k), queries, args.single)
-    return {
-        "method": label,
-        "queries": len(queries),
-        "build_s": build_s,
-        "qps": len(queries) / batch_s,
-        "single_ms": single_ms,
-        "recall": recall_at_k(found, true_ids),
-    }
+def build_faiss(factory: str, database: np.ndarray, args) -> tuple[faiss.Index, float]:
+    """A plain FAISS index (row numbers as ids), trained on up to 256 vectors a list."""
+    start = time.perf_counter()
+    index = faiss.index_factory(database.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        ivf = faiss.try_extract_index_ivf(index)
+        size = min(len(database), 256 * ivf.nlist if ivf is not None else 100_000)
+        rows = np.random.default_rng(args.seed).choice(len(database), size, replace=False)
+        index.train(database[np.sort(rows)])
+    index.add(database)
+    return index, time.perf_counter() - start
 
 
-def run_auto(database, ids, queries, true_ids, args) -> tuple[list[dict], dict]:
-    """The auto index as built (recall tuned leave-one-out on indexed vectors), and the same index
-    re-tuned with each query's own id counted (always found, so recall reads higher)."""
+def run_auto(database, ids, args, speed_for: str = "single") -> tuple[Method, dict]:
+    faiss.omp_set_num_threads(args.threads)
     start = time.perf_counter()
     index, params = build_index(
-        database, ids, target_recall=args.target_recall, k=args.k, seed=args.seed
+        database,
+        ids,
+        target_recall=args.target_recall,
+        k=args.k,
+        seed=args.seed,
+        speed_for=speed_for,
+        show_progress=False,
     )
     build_s = time.perf_counter() - start
-    rows = [
-        measure(
-            index,
-            f"auto ({params['factory']}, {params['search_params'] or 'exact'})",
-            build_s,
-            queries,
-            true_ids,
-            args,
-        )
-    ]
-    rows[0]["tuned_recall"] = params["recall"]
-    if not params["search_params"]:
-        return rows, params
-    rng = np.random.default_rng(args.seed + 1)
-    tune_rows = rng.choice(len(database), min(1000, len(database)), replace=False)
-    tune_queries = database[tune_rows]
-    _, nearest = faiss.knn(tune_queries, database, args.k, metric=faiss.METRIC_INNER_PRODUCT)
-    tuning = tune_search_params(index, tune_queries, ids[nearest], args.target_recall, args.k)
-    row = measure(
-        index,
-        f"auto, tuned self-included ({tuning.search_params})",
-        build_s,
-        queries,
-        true_ids,
-        args,
-    )
-    row["tuned_recall"] = tuning.recall
-    params["self_included_tuning"] = {
-        "search_params": tuning.search_params,
-        "recall": tuning.recall,
-    }
-    return rows + [row], params
+    label = AUTO_NAMES[0] if speed_for == "single" else AUTO_NAMES[1]
+    method = faiss_method(label, index, build_s, ids, args, labels_are_ids=True)
+    method.set_knob = None  # as built: it tuned itself
+    method.setting = f"{params['factory']} {params['search_params'] or 'exact'}"
+    return method, params
 
 
-def run_flat(database, ids, queries, args) -> tuple[dict, np.ndarray]:
+def saved_bytes(save: Callable[[str], None]) -> int:
+    """Size of the file ``save(path)`` writes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "index.bin"
+        save(str(path))
+        return path.stat().st_size
+
+
+def hnswlib_method(database, ids, m: int, args) -> Method | None:
+    try:
+        import hnswlib
+    except ImportError:
+        return None
     start = time.perf_counter()
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(database.shape[1]))
-    index.add_with_ids(database, ids)
+    index = hnswlib.Index(space="ip", dim=database.shape[1])
+    index.init_index(max_elements=len(database), ef_construction=200, M=m, random_seed=args.seed)
+    index.add_items(database, ids, num_threads=args.threads)
     build_s = time.perf_counter() - start
-    batch_s, (_, true_ids) = best_time(lambda: index.search(queries, args.k), args.repeats)
-    single_ms = time_single(lambda q: index.search(q, args.k), queries, min(args.single, 50))
-    result = {
-        "method": "faiss-flat (exact)",
-        "queries": len(queries),
-        "build_s": build_s,
-        "qps": len(queries) / batch_s,
-        "single_ms": single_ms,
-        "recall": 1.0,
+    return Method(
+        f"hnswlib M={m}",
+        build_s,
+        saved_bytes(index.save_index),
+        lambda q, k: index.knn_query(q, k=k, num_threads=args.threads)[0].astype(np.int64),
+        lambda q, k: index.knn_query(q, k=k, num_threads=1)[0],
+        set_knob=index.set_ef,
+        knob="ef",
+        knob_from=args.k,  # hnswlib searches max(ef, k) wide
+    )
+
+
+def usearch_method(database, ids, args, dtype: str = "bf16") -> Method | None:
+    try:
+        from usearch.index import Index
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    index = Index(ndim=database.shape[1], metric="ip", dtype=dtype, connectivity=16)
+    index.add(ids, database, threads=args.threads)
+    build_s = time.perf_counter() - start
+
+    def set_knob(v):
+        index.expansion_search = v
+
+    return Method(
+        f"usearch {dtype}",
+        build_s,
+        saved_bytes(index.save),
+        lambda q, k: index.search(q, k, threads=args.threads).keys.astype(np.int64),
+        lambda q, k: index.search(q[0], k, threads=1).keys,
+        set_knob=set_knob,
+        knob="expansion_search",
+        knob_from=1,
+    )
+
+
+def autofaiss_methods(database, ids, args) -> list[Method]:
+    """autofaiss's own choice as it tunes it (to a query time), and the same index re-tuned."""
+    try:
+        from autofaiss import build_index as autofaiss_build
+    except ImportError:
+        return []
+    # the index may take specsearch's budget (half of RAM); building may use all of RAM
+    budget_gb, ram_gb = (f"{x * default_memory_budget() / 2**30:.0f}G" for x in (1, 2))
+    faiss.omp_set_num_threads(args.threads)
+    start = time.perf_counter()
+    index, info = autofaiss_build(
+        database,
+        save_on_disk=False,
+        metric_type="ip",
+        max_index_memory_usage=budget_gb,
+        current_memory_available=ram_gb,
+        min_nearest_neighbors_to_retrieve=args.k,
+        verbose=logging.ERROR,
+    )
+    build_s = time.perf_counter() - start
+    chosen = faiss_method("autofaiss", index, build_s, ids, args)
+    chosen.setting = f"{info['index_key']} {info['index_param']}"
+    chosen.set_knob = None  # as autofaiss set it
+    copy = faiss.clone_index(index)  # its own knob
+    retuned = faiss_method("autofaiss, re-tuned", copy, build_s, ids, args)
+    retuned.setting = info["index_key"]
+    return [chosen, retuned]
+
+
+def run_flat(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, args):
+    start = time.perf_counter()
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(database)
+    build_s = time.perf_counter() - start
+    faiss.omp_set_num_threads(args.threads)
+    _, true_rows = index.search(queries, args.k)
+    method = faiss_method("faiss Flat (exact)", index, build_s, ids, args)
+    method.setting = "exact"
+    return method, ids[true_rows]
+
+
+# --- tuning and timing
+
+
+def tune_peer(method: Method, queries: np.ndarray, true_ids: np.ndarray, args) -> float:
+    """Set the peer's knob to the smallest value reaching the target recall on ``queries``.
+
+    Doubling from ``knob_from``, then bisection to the exact smallest value. Returns its recall.
+    """
+
+    def recall(value: int) -> float:
+        method.set_knob(value)
+        return recall_at_k(method.to_ids(method.batch(queries, args.k)), true_ids)
+
+    value, low, measured = method.knob_from, None, {}
+    while value < method.knob_to:
+        measured[value] = recall(value)
+        if measured[value] >= args.target_recall:
+            break
+        low, value = value, value * 2
+    value = min(value, method.knob_to)
+    if value not in measured:
+        measured[value] = recall(value)
+    while low is not None and value - low > 1:
+        middle = (low + value) // 2
+        measured[middle] = recall(middle)
+        if measured[middle] >= args.target_recall:
+            value = middle
+        else:
+            low = middle
+    method.set_knob(value)
+    described = method.describe(value) if method.describe else f"{method.knob}={value}"
+    method.setting = f"{method.setting} {described}".strip()
+    return measured[value]
+
+
+def time_rounds(methods: list[Method], queries: np.ndarray, args) -> dict[str, dict]:
+    """Median batch QPS and single-query ms of each method over interleaved rounds."""
+    batch = {m.name: [] for m in methods}
+    single = {m.name: [] for m in methods}
+    rng = np.random.default_rng(args.seed)
+    singles = queries[: args.single]
+    for method in methods:  # warm up
+        method.batch(queries[:100], args.k)
+        method.one(singles[:1], args.k)
+    for number in range(args.rounds):
+        console.print(f"  timing round {number + 1}/{args.rounds}")
+        for i in rng.permutation(len(methods)):
+            method = methods[i]
+            start = time.perf_counter()
+            method.batch(queries, args.k)
+            batch[method.name].append(time.perf_counter() - start)
+            times = np.empty(len(singles))
+            for row in range(len(singles)):
+                query = singles[row : row + 1]
+                t0 = time.perf_counter()
+                method.one(query, args.k)
+                times[row] = time.perf_counter() - t0
+            single[method.name].append(1e3 * float(np.median(times)))
+    return {
+        m.name: {
+            "qps": len(queries) / float(np.median(batch[m.name])),
+            "single_ms": float(np.median(single[m.name])),
+            "qps_rounds": [round(len(queries) / t, 1) for t in batch[m.name]],
+            "single_ms_rounds": [round(t, 4) for t in single[m.name]],
+        }
+        for m in methods
     }
-    return result, true_ids
+
+
+# --- the naive baselines (--naive)
 
 
 def sklearn_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
@@ -248,43 +419,35 @@ def sklearn_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarr
     return np.take_along_axis(top, order, axis=1)
 
 
-def run_sklearn(database, ids, queries, true_ids, args) -> dict:
-    count = min(args.sklearn_queries, len(queries))
+def run_sklearn(database, ids, queries, true_ids, args, count: int = 1000) -> dict:
+    count = min(count, len(queries))
     start = time.perf_counter()
     found = np.concatenate(
-        [
-            ids[sklearn_top_k(queries[s : s + args.sklearn_chunk], database, args.k)]
-            for s in range(0, count, args.sklearn_chunk)
-        ]
+        [ids[sklearn_top_k(queries[s : s + 100], database, args.k)] for s in range(0, count, 100)]
     )
     batch_s = time.perf_counter() - start
-    single_ms = time_single(lambda q: sklearn_top_k(q, database, args.k), queries, 5)
+    start = time.perf_counter()
+    for query in queries[:5]:
+        sklearn_top_k(query[None], database, args.k)
     return {
         "method": "sklearn cosine_similarity (chunked)",
         "queries": count,
-        "build_s": 0.0,
         "qps": count / batch_s,
-        "single_ms": single_ms,
+        "single_ms": 1e3 * (time.perf_counter() - start) / 5,
         "recall": recall_at_k(found, true_ids[:count]),
+        "build_s": 0.0,
     }
 
 
-def run_duckdb(database, ids, queries, true_ids, args, scratch: Path) -> dict:
+def run_duckdb(database, ids, queries, true_ids, args, scratch: Path, count: int = 50) -> dict:
     """Top-k by array_cosine_similarity over a float16 Parquet file, as the SQL views would do."""
     d = database.shape[1]
     path = scratch / "embeddings.parquet"
-    table = pa.table(
-        {
-            "source_id": pa.array(ids),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(database.astype(np.float16).ravel()), d
-            ),
-        }
-    )
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(database.astype(np.float16).ravel()), d)
     start = time.perf_counter()
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(pa.table({"source_id": ids, "embedding": embedding}), path, compression="zstd")
     build_s = time.perf_counter() - start
-    count = min(args.duckdb_queries, len(queries))
+    count = min(count, len(queries))
     con = duckdb.connect()
     con.register(
         "queries_table",
@@ -296,113 +459,200 @@ def run_duckdb(database, ids, queries, true_ids, args, scratch: Path) -> dict:
         ),
     )
     source = f"read_parquet('{path}')"
-    batch_sql = (
+    start = time.perf_counter()
+    rows = con.execute(
         f"SELECT qid, max_by(source_id, s, {args.k}) AS top FROM ("
         f"  SELECT q.qid, e.source_id, array_cosine_similarity(e.v, q.q::FLOAT[{d}]) AS s"
-        f"  FROM (SELECT source_id, embedding::FLOAT[{d}] AS v FROM {source}) e CROSS JOIN queries_table q)"
-        f" GROUP BY qid ORDER BY qid"
-    )
-    start = time.perf_counter()
-    rows = con.execute(batch_sql).fetchall()
+        f"  FROM (SELECT source_id, embedding::FLOAT[{d}] AS v FROM {source}) e"
+        f"  CROSS JOIN queries_table q) GROUP BY qid ORDER BY qid"
+    ).fetchall()
     batch_s = time.perf_counter() - start
     found = np.array([top for _, top in rows], dtype=np.int64)
     single_sql = (
-        f"SELECT source_id FROM {source} "
-        f"ORDER BY array_cosine_similarity(embedding::FLOAT[{d}], $q::FLOAT[{d}]) DESC LIMIT {args.k}"
+        f"SELECT source_id FROM {source} ORDER BY "
+        f"array_cosine_similarity(embedding::FLOAT[{d}], $q::FLOAT[{d}]) DESC LIMIT {args.k}"
     )
-    single_ms = time_single(
-        lambda q: con.execute(single_sql, {"q": q[0].tolist()}).fetchall(), queries, 5
-    )
+    start = time.perf_counter()
+    for query in queries[:5]:
+        con.execute(single_sql, {"q": query.tolist()}).fetchall()
     return {
         "method": "duckdb array_cosine_similarity (Parquet)",
         "queries": count,
-        "build_s": build_s,
         "qps": count / batch_s,
-        "single_ms": single_ms,
+        "single_ms": 1e3 * (time.perf_counter() - start) / 5,
         "recall": recall_at_k(found, true_ids[:count]),
+        "build_s": build_s,
     }
 
 
 # --- one size
 
 
+def wanted(name: str, args) -> bool:
+    return not any(name.startswith(prefix) for prefix in args.skip)
+
+
 def bench(n: int, args) -> dict:
     vectors, data = from_parquet(n, args) if args.embeddings else synthetic(n, args)
     n = len(vectors) - args.queries
     database, queries = vectors[:n], np.ascontiguousarray(vectors[n:])
-    ids = np.arange(n, dtype=np.int64) * 7 + 1_000_000  # sparse ids, like source_ids
-    Console(stderr=True).print(f"[bold]N={n:,}[/] d={database.shape[1]}: exact FAISS ...")
+    ids = np.arange(n, dtype=np.int64) * ID_STRIDE + ID_OFFSET
+    console.print(f"[bold]N={n:,}[/] d={database.shape[1]}: exact FAISS ...")
     flat, true_ids = run_flat(database, ids, queries, args)
-    Console(stderr=True).print("auto index ...")
-    autos, params = run_auto(database, ids, queries, true_ids, args)
-    Console(stderr=True).print("scikit-learn ...")
-    sklearn = run_sklearn(database, ids, queries, true_ids, args)
-    Console(stderr=True).print("DuckDB ...")
-    with tempfile.TemporaryDirectory() as scratch:
-        duck = run_duckdb(database, ids, queries, true_ids, args, Path(scratch))
-    methods = [*autos, flat, sklearn, duck]
+    methods = [flat] if wanted(flat.name, args) else []  # the ground truth, timed or not
+    console.print("auto ...")
+    auto, params = run_auto(database, ids, args)
+    methods.append(auto)
+    choice = params.get("choice", {})
+    batch_pick = choice.get("batch_winner")
+    if batch_pick and batch_pick != choice.get("winner") and wanted(AUTO_NAMES[1], args):
+        console.print(f"auto for batch ({batch_pick}) ...")
+        auto_batch, params["batch_build"] = run_auto(database, ids, args, speed_for="batch")
+        methods.append(auto_batch)
+    nlist = nlist_for(n)
+    factories = [
+        "HNSW8,SQfp16",
+        "HNSW16,SQfp16",
+        "HNSW16,Flat",
+        "HNSW32,Flat",
+        f"IVF{nlist // 2}_HNSW32,SQfp16",
+        f"IVF{nlist}_HNSW32,SQ8",
+    ]
+    for factory in factories:
+        if wanted(f"faiss {factory}", args):
+            console.print(f"faiss {factory} ...")
+            index, build_s = build_faiss(factory, database, args)
+            methods.append(faiss_method(f"faiss {factory}", index, build_s, ids, args))
+            methods[-1].setting = factory
+    for m in (16, 32):
+        if wanted(f"hnswlib M={m}", args):
+            console.print(f"hnswlib M={m} ...")
+            methods += [x for x in [hnswlib_method(database, ids, m, args)] if x is not None]
+    if wanted("usearch", args):
+        console.print("usearch ...")
+        methods += [x for x in [usearch_method(database, ids, args)] if x is not None]
+    if wanted("autofaiss", args):
+        console.print("autofaiss ...")
+        methods += autofaiss_methods(database, ids, args)
+    missing = [
+        name
+        for name, present in (
+            ("hnswlib", any(m.name.startswith("hnswlib") for m in methods)),
+            ("usearch", any(m.name.startswith("usearch") for m in methods)),
+            ("autofaiss", any(m.name.startswith("autofaiss") for m in methods)),
+        )
+        if not present and wanted(name, args)
+    ]
+    recalls = {}
     for method in methods:
-        method["qps_vs_sklearn"] = method["qps"] / sklearn["qps"]
+        if method.set_knob is not None:
+            console.print(f"tuning {method.name} ...")
+            recalls[method.name] = tune_peer(method, queries, true_ids, args)
+        else:
+            recalls[method.name] = recall_at_k(
+                method.to_ids(method.batch(queries, args.k)), true_ids
+            )
+    console.print(f"timing {len(methods)} methods in {args.rounds} rounds ...")
+    speeds = time_rounds(methods, queries, args)
+    rows = [
+        {
+            "method": m.name,
+            "setting": m.setting,
+            "recall": recalls[m.name],
+            "build_s": m.build_s,
+            "bytes": m.nbytes,
+            **speeds[m.name],
+        }
+        for m in methods
+    ]
+    if args.naive:
+        rows.append(run_sklearn(database, ids, queries, true_ids, args))
+        with tempfile.TemporaryDirectory() as scratch:
+            rows.append(run_duckdb(database, ids, queries, true_ids, args, Path(scratch)))
     return {
         "n": n,
         "k": args.k,
         "queries": len(queries),
         "target_recall": args.target_recall,
         "data": data,
-        "methods": methods,
+        "methods": rows,
+        "summary": summarise(rows, args.target_recall),
         "auto_params": params,
-        "auto_vs_sklearn_qps": [a["qps"] / sklearn["qps"] for a in autos],
+        "missing_peers": missing,
         "machine": {
             "cpus": os.cpu_count(),
-            "faiss_threads": faiss.omp_get_max_threads(),
+            "threads": args.threads,
             "platform": platform.platform(),
             "faiss": faiss.__version__,
-            "duckdb": duckdb.__version__,
+            "memory_budget_bytes": default_memory_budget(),
         },
-        "note": "recall@k on held-out queries (not in the index) against exact inner-product "
-        "search; tuned_recall is the recall measured while tuning, on indexed vectors; "
-        "sklearn and duckdb QPS measured once on the number of queries shown; FAISS batch "
-        "QPS is the best of --repeats runs; single-query ms is a median",
+        "note": "recall@k of held-out queries (not in the index) against exact inner-product "
+        "search; peers tuned on these queries (smallest knob reaching the target), auto as "
+        "built; QPS and single-query ms are medians over interleaved rounds; bytes as saved",
     }
 
 
+def summarise(rows: list[dict], target: float) -> dict:
+    """Auto against the best configuration that reaches the target recall, batch and single."""
+    able = [r for r in rows if r["recall"] >= target and "qps_rounds" in r]
+    best_qps = max(able, key=lambda r: r["qps"])
+    best_single = min(able, key=lambda r: r["single_ms"])
+    summary = {"best_batch": best_qps["method"], "best_single": best_single["method"]}
+    for row in rows:
+        if row["method"] in AUTO_NAMES:
+            summary[row["method"]] = {
+                "recall": row["recall"],
+                "reaches_target": row["recall"] >= target,
+                "qps_vs_best": row["qps"] / best_qps["qps"],
+                "single_ms_vs_best": row["single_ms"] / best_single["single_ms"],
+            }
+    return summary
+
+
 def print_table(result: dict) -> None:
-    table = Table(title=f"search, N={result['n']:,}, d={result['data']['d']}, k={result['k']}")
-    for column in (
-        "method",
-        "queries",
-        "build s",
-        "batch QPS",
-        "1-query ms",
-        f"recall@{result['k']}",
-        "QPS / sklearn",
-    ):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table = Table(
+        title=f"search, N={result['n']:,}, d={result['data']['d']}, k={result['k']}, "
+        f"{result['queries']:,} held-out queries, {result['machine']['threads']} threads"
+    )
+    columns = ("method", "setting", "recall", "batch QPS", "1-query ms", "build s", "MB")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("method", "setting") else "right")
     for m in result["methods"]:
         table.add_row(
             m["method"],
-            f"{m['queries']:,}",
-            f"{m['build_s']:.1f}",
+            m.get("setting", ""),
+            f"{m['recall']:.4f}",
             f"{m['qps']:,.0f}",
-            f"{m['single_ms']:.2f}",
-            f"{m['recall']:.3f}",
-            f"{m['qps_vs_sklearn']:.1f}x",
+            f"{m['single_ms']:.4f}",
+            f"{m['build_s']:.1f}",
+            f"{m.get('bytes', 0) / 1e6:.1f}",
         )
-    Console(width=150).print(table)
+    Console(width=160).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    source = "real" if args.embeddings else "synthetic"
     for n in args.n:
         result = bench(n, args)
         print_table(result)
-        path = args.out / f"search_{n}.json"
+        path = args.out / f"search_{source}_{n}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
         os.replace(tmp, path)
-        ratios = ", ".join(f"{r:.1f}x" for r in result["auto_vs_sklearn_qps"])
-        print(f"auto vs sklearn QPS: {ratios}; wrote {path}")
+        summary = result["summary"]
+        for name, ratios in summary.items():
+            if isinstance(ratios, dict):
+                print(
+                    f"{name}: recall {ratios['recall']:.4f}, batch QPS "
+                    f"{ratios['qps_vs_best']:.2f}x the best ({summary['best_batch']}), "
+                    f"single-query ms {ratios['single_ms_vs_best']:.2f}x the best "
+                    f"({summary['best_single']})"
+                )
+        if result["missing_peers"]:
+            print(f"not installed: {', '.join(result['missing_peers'])}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 N simulated stars (labels bootstrapped from the real train split, XP spectra from the emulator
 with the real noise model) are encoded by a SpecCLIP model's XP encoder, in batches, and written
 as a store: catalog-only shards (source_id, release, labels; no spectra, to keep the disk small)
-and XP embedding Parquet in the embed stage's format. Source ids skip the reserved bucket.
+and XP embedding Parquet in the embed stage's format, for the stars with a usable XP (as the
+embed stage, it writes none for a star the encoder cannot use). Source ids skip the reserved
+bucket.
 
     python benchmarks/make_embedding_store.py --store /tmp/store1m --n 1000000 [--model default]
 """
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     release = "BENCH"
     candidates = np.arange(1, int(args.n * 1.2) + 2, dtype=np.int64) * 977 + 10**15
     source_ids = candidates[bucket(candidates) != RESERVED_BUCKET][: args.n]
-    shards, t0 = [], time.perf_counter()
+    shards, unusable, t0 = [], 0, time.perf_counter()
     schema = embedding_schema(runner.embed_dim)
     for start in range(0, args.n, BATCH):
         ids = source_ids[start : start + BATCH]
@@ -56,10 +58,15 @@ def main(argv: list[str] | None = None) -> None:
             g_mag=labels["g_mag"],
             rng=rng,
         )
-        vectors = runner.encode_xp(flux, error)
-        n = len(ids)
+        out = runner.run_batch(xp_flux=flux, xp_flux_error=error, outputs=["xp_embedding"])
+        # as the embed stage does: a star with no usable XP (no positive flux over 500-600 nm,
+        # e.g. a cool giant behind heavy extinction) has a NaN embedding and gets no row
+        usable = out["has_xp"]
+        unusable += int((~usable).sum())
+        vectors = out["xp_embedding"][usable]
+        n = len(vectors)
         columns = {field.name: pa.nulls(n, field.type) for field in schema}
-        columns["source_id"] = pa.array(ids, pa.int64())
+        columns["source_id"] = pa.array(ids[usable], pa.int64())
         columns["modality"] = pa.array(["xp"] * n, pa.string())
         columns["model_id"] = pa.array([runner.model_id] * n, pa.string())
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 },
             )
         )
-        done = start + n
+        done = start + len(ids)
         print(
             f"\r{done:,}/{args.n:,} stars, {done / (time.perf_counter() - t0):,.0f} stars/s",
             end="",
@@ -93,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     store.write_release(release, shards, rows_per_file=250_000)
     store.record_embeddings(runner.model_id)
     print(
-        f"store {args.store}: {args.n:,} stars with {runner.model_id} XP embeddings "
-        f"in {time.perf_counter() - t0:.0f} s"
+        f"store {args.store}: {args.n:,} stars, {args.n - unusable:,} with {runner.model_id} "
+        f"XP embeddings ({unusable:,} without a usable XP) in {time.perf_counter() - t0:.0f} s"
     )
 
 

@@ -286,15 +286,29 @@ def index_build(
     target_recall: Annotated[
         float | None, typer.Option(help="Target recall@10 for auto tuning (default 0.95).")
     ] = None,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(help="Most memory the index may take, in GB (default: half of RAM)."),
+    ] = None,
+    speed_for: Annotated[
+        str,
+        typer.Option(help="auto picks the fastest index for: single (one query) or batch."),
+    ] = "single",
 ) -> None:
     """Build FAISS indexes over the store's embeddings."""
     from specsearch.indexes import DEFAULT_TARGET_RECALL, build_store_indexes
     from specsearch.store import Store
 
     recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
+    budget = None if memory_budget is None else int(memory_budget * 1e9)
     with Store.open(store).writing("index build") as opened:
         result = build_store_indexes(
-            opened, modality=modality, factory=factory, target_recall=recall
+            opened,
+            modality=modality,
+            factory=factory,
+            target_recall=recall,
+            memory_budget_bytes=budget,
+            speed_for=speed_for,
         )
     typer.echo(result)
 

@@ -4,17 +4,19 @@ This package lives in the repository's top-level ``indexes/`` folder and is inst
 ``specsearch.indexes`` (``pyproject.toml`` maps it with ``package-dir``), so it is imported as
 ``from specsearch.indexes import ...`` and its modules read ``specsearch.*`` like any other.
 
-One entry point builds an index for a set of unit vectors, choosing its type from the set's size
-and a memory budget and tuning it to a target recall (``build_index``); the store functions read
+One entry point builds an index for a set of unit vectors (``build_index``): it measures a few
+candidate indexes and keeps the fastest that reaches a target recall within a memory budget
+(``choose.choose_index``), tuned to that recall; the store functions read
 the store's embedding Parquet, save ``STORE/indexes/<modality>.faiss`` with a JSON of its
 parameters and measured recall beside it, grow it release by release, and search it.
 """
 
-from .build import build_index, build_index_streaming, build_sharded_index, empty_copy, make_index
+from .build import build_index, build_index_streaming, build_sharded_index, empty_copy
 from .choose import (
     DEFAULT_TARGET_RECALL,
     EXACT_THRESHOLD,
     choose_factory,
+    choose_index,
     default_memory_budget,
     nlist_for,
 )
@@ -27,7 +29,18 @@ from .io import (
     read_params,
     save_index,
 )
-from .measure import drop_self, exact_knn, exact_knn_streaming, recall_at_k, tune_search_params
+from .make import make_index
+from .measure import (
+    QuerySet,
+    drop_self,
+    exact_knn,
+    exact_knn_streaming,
+    query_sets,
+    recall_at_k,
+    time_side_by_side,
+    tune,
+    tune_search_params,
+)
 from .store_indexes import (
     IndexResult,
     build_store_indexes,
@@ -44,6 +57,7 @@ __all__ = [
     "DEFAULT_TARGET_RECALL",
     "EXACT_THRESHOLD",
     "IndexResult",
+    "QuerySet",
     "CpuDevice",
     "GpuDevice",
     "build_index",
@@ -51,6 +65,7 @@ __all__ = [
     "build_sharded_index",
     "build_store_indexes",
     "choose_factory",
+    "choose_index",
     "default_memory_budget",
     "drop_self",
     "empty_copy",
@@ -65,6 +80,7 @@ __all__ = [
     "load_store_index",
     "make_index",
     "nlist_for",
+    "query_sets",
     "read_vectors",
     "read_params",
     "recall_at_k",
@@ -73,5 +89,7 @@ __all__ = [
     "scan_embeddings",
     "search_store",
     "sphere_mixture",
+    "time_side_by_side",
+    "tune",
     "tune_search_params",
 ]

@@ -22,29 +22,34 @@ from .choose import (
     DEFAULT_TARGET_RECALL,
     EXACT_THRESHOLD,
     choose_factory,
+    choose_index,
     code_ladder,
     default_memory_budget,
     index_bytes,
 )
 from .device import CpuDevice, resolve_device
+from .make import (
+    ADD_BATCH,
+    TRAIN_POINTS_PER_LIST,
+    add_vectors,
+    is_ivf,
+    make,
+    make_index,
+    train_index,
+)
 from .measure import (
     Batches,
+    QuerySet,
     Tuning,
-    drop_self,
-    exact_knn_streaming,
-    ivf_of,
+    query_sets,
+    query_sets_streaming,
     sample_queries_streaming,
     set_search_params,
-    tune_search_params,
+    tune,
+    tuning_queries,
 )
 
 METRIC = "inner_product"
-ADD_BATCH = 65_536
-TRAIN_POINTS_PER_LIST = 64
-"""k-means training sample per inverted list (FAISS needs at least 39)."""
-KMEANS_ITERATIONS = 10
-MAX_TRAIN_OTHER = 100_000
-"""Training sample for trainable indexes that are not inverted files (e.g. a flat PQ)."""
 
 
 # --- inputs
@@ -85,26 +90,6 @@ def check_vectors(embeddings: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, 
 # --- making, copying and merging indexes
 
 
-def make_index(factory: str, d: int) -> faiss.Index:
-    """An empty inner-product index from a FAISS factory string, able to take explicit ids.
-
-    Types without native ids (Flat, HNSW, PQ, ...) are wrapped in ``IndexIDMap2``.
-    """
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
-        raise SpecsearchError(f"FAISS factory {factory!r} for d={d}: {message}") from None
-    if is_ivf(index) or isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        return index
-    return faiss.IndexIDMap2(index)  # the wrapper keeps a Python reference to the inner index
-
-
-def is_ivf(index: faiss.Index) -> bool:
-    """Whether ``index`` is, or wraps, an inverted file (on the CPU or a GPU)."""
-    return ivf_of(index) is not None
-
-
 def empty_copy(index: faiss.Index) -> faiss.Index:
     """A trained copy of an inverted-file index holding no vectors (its lists left behind)."""
     if index.ntotal == 0:
@@ -139,58 +124,15 @@ def merge_ondisk(
     for lists in sources:
         pointers.push_back(lists)
     ntotal = ondisk.merge_from_multiple(pointers.data(), pointers.size(), False)
+    if ondisk.totsize:
+        # the merge leaves the space it wrote on the free list, so a list that grows later
+        # would be moved over other lists' data: claim that space (a reloaded index rebuilds
+        # its free list from the lists and is right already)
+        ondisk.allocate_slot(ondisk.totsize)
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # the index owns its lists now
     ivf.ntotal = index.ntotal = ntotal
     return index
-
-
-# --- training and adding
-
-
-def train_index(
-    index: faiss.Index, embeddings: np.ndarray, seed: int = 0, device: CpuDevice | None = None
-) -> int:
-    """Train ``index`` on a random sample of ``embeddings``; return the sample size (0: no training).
-
-    Inverted files use TRAIN_POINTS_PER_LIST vectors a list and KMEANS_ITERATIONS iterations of
-    spherical k-means; on a GPU device the k-means assignment runs there even when the index
-    itself stays on the CPU.
-    """
-    if index.is_trained:
-        return 0
-    device = device or CpuDevice()
-    n = len(embeddings)
-    ivf = ivf_of(index)
-    size = min(n, TRAIN_POINTS_PER_LIST * ivf.nlist if ivf is not None else MAX_TRAIN_OTHER)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    sample = np.ascontiguousarray(embeddings[rows])
-    clustering = None
-    if ivf is not None:
-        ivf.cp.niter = KMEANS_ITERATIONS
-        ivf.cp.seed = seed
-    cpu_ivf = faiss.try_extract_index_ivf(index)
-    if cpu_ivf is not None:  # a GPU IVF index runs its own k-means on the GPU
-        clustering = device.clustering_index(cpu_ivf.d)
-        if clustering is not None:
-            cpu_ivf.clustering_index = clustering
-    try:
-        index.train(sample)
-    finally:
-        if clustering is not None:
-            cpu_ivf.clustering_index = None
-    return size
-
-
-def add_vectors(
-    index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray, show_progress: bool = True
-) -> None:
-    """Add vectors with their ids in batches of ADD_BATCH, with a progress bar."""
-    with progress("adding vectors", len(embeddings), show_progress) as advance:
-        for start in range(0, len(embeddings), ADD_BATCH):
-            stop = min(start + ADD_BATCH, len(embeddings))
-            index.add_with_ids(embeddings[start:stop], ids[start:stop])
-            advance(stop - start)
 
 
 # --- the entry points
@@ -206,8 +148,9 @@ def build_index(
     seed: int = 0,
     *,
     exact_threshold: int = EXACT_THRESHOLD,
-    n_queries: int = 1000,
+    n_queries: int | None = None,
     exclude_self: bool = True,
+    speed_for: str = "single",
     device: str | CpuDevice = "auto",
     show_progress: bool = True,
 ) -> tuple[faiss.Index, dict]:
@@ -216,25 +159,31 @@ def build_index(
     Args:
         embeddings: (n, d) float array of unit vectors (float16 input is fine; it is cast).
         ids: (n,) int64 ids, e.g. Gaia ``source_id``; the index returns these.
-        factory: "auto" (see ``choose.choose_factory``) or any FAISS factory string, honoured as
-            given (types without native ids are wrapped in IDMap2).
+        factory: "auto" or any FAISS factory string, honoured as given (types without native
+            ids are wrapped in IDMap). On the CPU "auto" is the measured choice
+            (``choose.choose_index``): exact search below ``exact_threshold`` vectors, else the
+            fastest candidate that reaches the target recall within the budget; on a GPU it is
+            the rule ``choose.choose_factory``, stepping up to finer codes if it must.
         target_recall: recall@k against exact search that the search-time knob (nprobe,
-            efSearch) is tuned to reach; "auto" also steps up to finer codes if it must.
+            efSearch) is tuned to reach, on every kind of query.
         memory_budget_bytes: the most the index itself may take (default: half of RAM).
         k: the k of recall@k.
-        seed: seeds the training sample, k-means and the recall queries.
+        seed: seeds the training sample, k-means, the sample of the choice and the queries.
         exact_threshold: below this many vectors "auto" builds an exact Flat index.
-        n_queries: vectors sampled from ``embeddings`` to measure recall with; each is searched
-            against the whole index (nothing is held out of it).
-        exclude_self: leave-one-out recall (default): each query's own id is removed from both
-            its exact and its approximate neighbours, as search-by-star and the kNN score do, and
-            as a star not in the index sees it. False counts the query itself, which is always
-            found, and so overstates recall by ~(1 - recall)/k, more on held-out stars.
+        n_queries: queries of each kind that recall is measured on: stars of the set searched
+            for their neighbours, and as many stars held out of the index until it is tuned
+            (then added), searched as vectors new to it (default ``tuning_queries(n)``).
+        exclude_self: the stars of the set leave their own id out of both their exact and their
+            approximate neighbours (default), as search-by-star and the kNN graph do. False
+            counts it (it is always found), which overstates recall by ~(1 - recall)/k.
+        speed_for: "single" (default: a user's search, one query at a time) or "batch" (a kNN
+            graph of the whole set): what "fastest" means to the measured choice.
         device: "auto" (GPU if faiss sees one), "cpu", "cuda" or a Device object.
 
     Returns:
         (index, params): a CPU index with its tuned search parameters set, and a JSON-ready dict
-        with the factory, n, d, measured recall, search parameters, tuning curve and timings.
+        with the factory, n, d, measured recall of each kind of query, search parameters, speed,
+        tuning curve, timings and, for the measured choice, every candidate and the reason.
     """
     start = time.perf_counter()
     embeddings, ids = check_vectors(embeddings, ids)
@@ -244,45 +193,56 @@ def build_index(
     device = resolve_device(device)
     budget = memory_budget_bytes or default_memory_budget()
     auto = factory == "auto"
-    first = choose_factory(n, d, budget, exact_threshold, gpu=device.is_gpu) if auto else factory
-    ladder = code_ladder(first, n, d, budget) if auto else [first]
-
-    rng = np.random.default_rng(seed)
-    query_rows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
-    queries = embeddings[query_rows]
     exclude_self = exclude_self and n > 1
-    k = min(k, n - 1 if exclude_self else n)
-    query_ids = ids[query_rows] if exclude_self else None
-    _, true_rows = device.knn(queries, embeddings, k + 1 if exclude_self else k)
-    true_ids = drop_self(ids[true_rows], query_ids, k) if exclude_self else ids[true_rows]
+    held, kept, self_rows = _query_rows(n, n_queries or tuning_queries(n), seed)
+    k = min(k, len(kept) - 1 if exclude_self else len(kept))
+    indexed, indexed_ids = np.ascontiguousarray(embeddings[kept]), ids[kept]
+    exact = n < exact_threshold and index_bytes("IDMap2,Flat", n, d) <= budget
 
-    tried = []
-    for candidate in ladder:
-        host = make_index(candidate, d)
-        work = device.to_device(host)
-        t0 = time.perf_counter()
-        train_size = train_index(work, embeddings, seed, device)
-        t1 = time.perf_counter()
-        add_vectors(work, embeddings, ids, show_progress)
-        t2 = time.perf_counter()
-        tuning = tune_search_params(
-            work,
-            queries,
-            true_ids,
+    t0 = time.perf_counter()
+    choice = None
+    if auto and not device.is_gpu and not exact:
+        choice = choose_index(
+            indexed,
+            indexed_ids,
+            self_rows,
+            embeddings[held],
             target_recall,
             k,
-            set_params=device.set_params,
-            query_ids=query_ids,
+            budget,
+            speed_for=speed_for,
+            seed=seed,
+            show_progress=show_progress,
         )
-        t3 = time.perf_counter()
-        tried.append({"factory": candidate, "recall": round(tuning.recall, 5)})
-        if tuning.recall >= target_recall or candidate == ladder[-1]:
-            break
-        device.discard(work)
-    index = device.to_host(work)
+        made, tuning, sets = choice.made, choice.tuning, choice.sets
+        index = made.index
+        tried = [
+            {"factory": c["factory"], "recall": c["recall"]}
+            for c in choice.record["candidates"]
+            if "recall" in c
+        ]
+    else:
+        first = (
+            choose_factory(n, d, budget, exact_threshold, gpu=device.is_gpu) if auto else factory
+        )
+        ladder = code_ladder(first, n, d, budget) if auto else [first]
+        sets = query_sets(
+            indexed, indexed_ids, self_rows, embeddings[held], k, device.knn, exclude_self
+        )
+        tried = []
+        for candidate in ladder:
+            made = make(candidate, indexed, indexed_ids, seed, device, show_progress)
+            tuning = tune(made.index, sets, target_recall, k, device.set_params)
+            tried.append({"factory": candidate, "recall": tuning.recalls})
+            if tuning.reached or candidate == ladder[-1]:
+                break
+            device.discard(made.index)
+        index = device.to_host(made.index)
+    t1 = time.perf_counter()
+    add_vectors(index, embeddings[held], ids[held], show_progress=False)
     set_search_params(index, tuning.search_params)
     params = _record(
-        factory=candidate,
+        factory=made.factory if choice is None else choice.record["winner"],
         auto=auto,
         n=n,
         d=d,
@@ -290,17 +250,32 @@ def build_index(
         target_recall=target_recall,
         tuning=tuning,
         tried=tried,
-        n_queries=len(queries),
-        exclude_self=exclude_self,
-        train_size=train_size,
+        sets=sets,
+        train_size=made.train_size,
         budget=budget,
         exact_threshold=exact_threshold,
         device=device,
         seed=seed,
-        times=(start, t0, t1, t2, t3),
+        seconds={**made.seconds, "choose_and_tune": round(t1 - t0, 3)},
+        start=start,
         storage={"ondisk": False},
+        choice=choice.record if choice is not None else None,
     )
     return index, params
+
+
+def _query_rows(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held-out rows, indexed rows, self-query positions among the indexed rows).
+
+    At most n_queries of each kind; a tenth of the set at most is held out (none of fewer than
+    20 vectors).
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(n_queries, n // 10) if n >= 20 else 0
+    held = np.sort(order[:n_held])
+    kept = np.sort(order[n_held:])
+    self_rows = np.sort(order[n_held : n_held + min(n_queries, n - n_held)])
+    return held, kept, np.searchsorted(kept, self_rows)
 
 
 def _record(
@@ -313,22 +288,24 @@ def _record(
     target_recall: float,
     tuning: Tuning,
     tried: list[dict],
-    n_queries: int,
-    exclude_self: bool,
+    sets: list[QuerySet],
     train_size: int,
     budget: int,
     exact_threshold: int,
     device: CpuDevice,
     seed: int,
-    times: tuple[float, float, float, float, float],
+    seconds: dict,
+    start: float,
     storage: dict,
     estimate_n: int | None = None,
+    choice: dict | None = None,
 ) -> dict:
     """The parameters JSON written beside an index: what was built, how it was tuned, timings.
 
-    times: (start, trained from, added from, tuned from, tuned until) perf_counter readings."""
-    start, t0, t1, t2, t3 = times
-    return {
+    ``recall`` is the lowest mean recall@k over the kinds of query, ``recalls`` each kind's;
+    ``speed`` the batch QPS and single-query ms at the chosen setting (where timed); ``choice``
+    the candidates of the measured choice and the reason the winner won."""
+    record = {
         "factory": factory,
         "auto": auto,
         "metric": METRIC,
@@ -337,13 +314,20 @@ def _record(
         "k": int(k),
         "target_recall": float(target_recall),
         "recall": round(float(tuning.recall), 5),
+        "recalls": tuning.recalls,
         "search_params": tuning.search_params,
+        "speed": tuning.speed,
         "tuning": tuning.curve,
         "tried": tried,
-        "n_queries": n_queries,
-        "recall_queries": "indexed vectors, self excluded"
-        if exclude_self
-        else "indexed vectors, self included",
+        "n_queries": {s.kind: len(s.queries) for s in sets},
+        "recall_queries": ", ".join(
+            "indexed vectors, self excluded"
+            if s.kind == "self excluded"
+            else "indexed vectors, self included"
+            if s.kind == "self included"
+            else "vectors held out of the index"
+            for s in sets
+        ),
         "train_size": int(train_size),
         "memory_budget_bytes": int(budget),
         "index_bytes_estimate": int(index_bytes(factory, estimate_n or n, d)),
@@ -351,14 +335,12 @@ def _record(
         "device": device.name,
         **storage,
         "seed": int(seed),
-        "seconds": {
-            "train": round(t1 - t0, 3),
-            "add": round(t2 - t1, 3),
-            "tune": round(t3 - t2, 3),
-            "total": round(time.perf_counter() - start, 3),
-        },
+        "seconds": {**seconds, "total": round(time.perf_counter() - start, 3)},
         "faiss_version": faiss.__version__,
     }
+    if choice is not None:
+        record["choice"] = choice
+    return record
 
 
 def build_sharded_index(
@@ -438,7 +420,7 @@ def build_index_streaming(
     k: int = 10,
     seed: int = 0,
     *,
-    n_queries: int = 1000,
+    n_queries: int | None = None,
     exclude_self: bool = True,
     shard_size: int | None = None,
     device: str | CpuDevice = "auto",
@@ -465,12 +447,23 @@ def build_index_streaming(
             f"factory {chosen!r} is not an inverted file: it cannot be built in shards"
         )
     nlist = faiss.extract_index_ivf(trained).nlist
-    sample_size = min(n, max(TRAIN_POINTS_PER_LIST * nlist, n_queries))
+    n_queries = n_queries or tuning_queries(n)
+    n_held = min(n_queries, n // 10) if n >= 20 else 0
+    sample_size = min(n, max(TRAIN_POINTS_PER_LIST * nlist, n_queries + n_held))
 
     def checked():
         return (check_vectors(embeddings, ids) for embeddings, ids in batches())
 
+    # the sample is in random order: its first n_held stars are held out of the index until it
+    # is tuned, the next n_queries are searched as stars of the index
     sample, sample_ids = sample_queries_streaming(checked(), sample_size, seed)
+    held, held_ids = sample[:n_held], sample_ids[:n_held]
+
+    def indexed():
+        for embeddings, ids in checked():
+            keep = ~np.isin(ids, held_ids)
+            yield embeddings[keep], ids[keep]
+
     t0 = time.perf_counter()
     work = device.to_device(trained)
     train_size = train_index(work, sample, seed, device)
@@ -479,19 +472,23 @@ def build_index_streaming(
     if shard_size is None:
         shard_size = max(ADD_BATCH, budget // (4 * (4 * d + 8)))
     index = build_sharded_index(
-        trained, checked(), out_dir, ivfdata_name, shard_size, show_progress
+        trained, indexed(), out_dir, ivfdata_name, shard_size, show_progress
     )
     t2 = time.perf_counter()
-    queries = sample[: min(n_queries, len(sample))]  # the sample is in random order
     exclude_self = exclude_self and n > 1
-    k = min(k, n - 1 if exclude_self else n)
-    query_ids = sample_ids[: len(queries)] if exclude_self else None
-    _, true_ids = exact_knn_streaming(
-        queries, checked(), k + 1 if exclude_self else k, knn=device.knn
+    k = min(k, n - n_held - 1 if exclude_self else n - n_held)
+    self_queries = sample[n_held : n_held + n_queries]
+    sets = query_sets_streaming(
+        indexed(),
+        self_queries,
+        sample_ids[n_held : n_held + n_queries],
+        held,
+        k,
+        device.knn,
+        exclude_self,
     )
-    if exclude_self:
-        true_ids = drop_self(true_ids, query_ids, k)
-    tuning = tune_search_params(index, queries, true_ids, target_recall, k, query_ids=query_ids)
+    tuning = tune(index, sets, target_recall, k)
+    index.add_with_ids(held, held_ids)  # into the on-disk lists
     t3 = time.perf_counter()
     params = _record(
         factory=chosen,
@@ -501,15 +498,15 @@ def build_index_streaming(
         k=k,
         target_recall=target_recall,
         tuning=tuning,
-        tried=[{"factory": chosen, "recall": round(tuning.recall, 5)}],
-        n_queries=len(queries),
-        exclude_self=exclude_self,
+        tried=[{"factory": chosen, "recall": tuning.recalls}],
+        sets=sets,
         train_size=train_size,
         budget=budget,
         exact_threshold=0,
         device=device,
         seed=seed,
-        times=(start, t0, t1, t2, t3),
+        seconds={"train": round(t1 - t0, 3), "add": round(t2 - t1, 3), "tune": round(t3 - t2, 3)},
+        start=start,
         storage={"ondisk": True, "ivfdata": ivfdata_name, "shard_size": int(shard_size)},
         estimate_n=n,
     )

@@ -8,8 +8,9 @@ save was in between, reads again. An index whose lists live on disk keeps them i
 ``<modality>.<version>.ivfdata`` beside it, so a new save never overwrites lists in use.
 
 ``extend_index`` adds the vectors of a new release in place when the index type allows (Flat,
-IVF), skipping ids already present (or replacing their vectors, when asked), re-measures recall
-and re-tunes; otherwise it rebuilds.
+IVF, HNSW graphs), skipping ids already present (or replacing their vectors, when asked: Flat and
+IVF remove the old ones, a graph cannot and is rebuilt), re-measures recall and re-tunes;
+otherwise it rebuilds.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ import numpy as np
 from specsearch.errors import SpecsearchError
 from specsearch.files import atomic_path, write_json_atomic
 
-from .build import build_index, check_vectors, empty_copy, is_ivf, merge_ondisk, write_faiss
-from .choose import choose_factory, index_family, nlist_for
+from .build import build_index, check_vectors, empty_copy, merge_ondisk, write_faiss
+from .choose import default_memory_budget, index_bytes, index_family, nlist_for
 from .device import CpuDevice
+from .make import is_ivf
 from .measure import (
     Batches,
-    drop_self,
-    exact_knn_streaming,
+    query_sets_streaming,
     sample_queries_streaming,
     set_search_params,
-    tune_search_params,
+    tune,
 )
 
 TRAILER_MAGIC = b"\nspecsearch-index-version:"
@@ -225,20 +226,32 @@ def iter_index_vectors(
 # --- growing an index
 
 
+RECHOOSE_GROWTH = 4
+"""An index of the measured choice is chosen afresh once its set is this many times the size it
+was chosen for: the frontier moves with n (a graph's walk grows as log n, a list as sqrt n)."""
+
+
 def rebuild_reason(params: dict, n_total: int) -> str | None:
     """Why an index with ``params`` should be rebuilt rather than grown to n_total (None: grow)."""
-    family = index_family(params["factory"])
+    factory, d = params["factory"], params["d"]
+    family = index_family(factory)
     if family == "other":
-        return f"a {params['factory']} index cannot grow in place"
+        return f"a {factory} index cannot grow in place"
     if not params.get("auto"):
         return None
-    wanted = choose_factory(
-        n_total, params["d"], params.get("memory_budget_bytes"), params.get("exact_threshold", 0)
-    )
-    if index_family(wanted) != family:
-        return f"{n_total:,} vectors call for {wanted}, not {params['factory']}"
+    budget = params.get("memory_budget_bytes") or default_memory_budget()
+    if family == "flat":
+        exact = n_total < params.get("exact_threshold", 0)
+        if not exact or index_bytes(factory, n_total, d) > budget:
+            return f"{n_total:,} vectors call for an approximate index, not {factory}"
+        return None
+    if not params.get("ondisk") and index_bytes(factory, n_total, d) > budget:
+        return f"{n_total:,} vectors of {factory} no longer fit the memory budget"
+    chosen_at = params.get("choice", {}).get("n")
+    if chosen_at and n_total >= RECHOOSE_GROWTH * chosen_at:
+        return f"{n_total:,} vectors are {n_total / chosen_at:.1f}x the {chosen_at:,} chosen for"
     if family == "ivf":
-        nlist = int(params["factory"].split(",")[0].split("_")[0][3:])
+        nlist = int(factory.split(",")[0].split("_")[0][3:])
         if nlist_for(n_total) >= 4 * nlist:
             return f"{n_total:,} vectors outgrew {nlist} inverted lists"
     return None
@@ -263,26 +276,29 @@ def extend_index(
     release twice changes nothing (nothing is written; the returned params have ``added`` 0);
     with ``replace_existing`` their stored vectors are replaced by the new ones instead
     (``replaced`` counts them).
-    Flat and IVF indexes grow in place (on-disk lists are merged into a new ``.ivfdata``); other
-    types, or an "auto" index whose size now calls for another kind (Flat -> IVF, or 16x the
-    vectors an IVF was sized for), are rebuilt.
+    Flat, IVF and graph (HNSW) indexes grow in place (on-disk lists are merged into a new
+    ``.ivfdata``); a graph whose vectors must be replaced (it cannot remove any), other types,
+    and an "auto" index whose size now calls for another choice (``rebuild_reason``) are rebuilt.
 
+    Recall is re-measured on stars of the index (self excluded) and on up to ``n_queries`` of
+    the new stars, held out of the index until it is re-tuned (when there are at least 20).
     ``database``, if given, returns batches of every vector the index holds after the extension
     (old and new); recall is then measured exactly, and rebuilds read from it. Without it, recall
     is measured against the index's own stored vectors (exact for Flat, decoded codes otherwise)
     and only Flat indexes can be rebuilt.
     """
     index, params = load_index(index_dir, modality, mmap=False)
+    family = index_family(params["factory"])
+    removable = family in ("flat", "ivf")  # HNSW cannot remove ids
     stale = np.zeros(0, np.int64)
     if replace_existing and len(new_ids):
         stale = np.unique(np.asarray(new_ids, dtype=np.int64)[np.isin(new_ids, index_ids(index))])
-    in_place = index_family(params["factory"]) != "other"
-    if stale.size and in_place and not params.get("ondisk"):
+    if stale.size and removable and not params.get("ondisk"):
         index.remove_ids(faiss.IDSelectorBatch(stale))  # the index is in memory: the file stays
     # on-disk lists are mapped from the file readers use: their stale vectors are removed from
-    # the merged copy below instead
-    held = stale if params.get("ondisk") else np.zeros(0, np.int64)
-    new_embeddings, new_ids = _new_vectors(new_embeddings, new_ids, index, also=held)
+    # the merged copy below instead; a graph keeps them until it is rebuilt
+    kept_stale = stale if params.get("ondisk") or not removable else np.zeros(0, np.int64)
+    new_embeddings, new_ids = _new_vectors(new_embeddings, new_ids, index, also=kept_stale)
     replaced = int(stale.size)
     covered = sorted(set(params.get("releases", [])) | set(releases or []))
     if len(new_ids) == 0:
@@ -294,13 +310,13 @@ def extend_index(
         return {**params, "added": 0, "replaced": 0}
     target = target_recall if target_recall is not None else params["target_recall"]
     k = params["k"]
-    n_total = index.ntotal + len(new_ids) - (replaced if params.get("ondisk") else 0)
+    n_total = index.ntotal + len(new_ids) - (replaced if kept_stale.size else 0)
     start = time.perf_counter()
     reason = rebuild_reason(params, n_total)
-    if replaced and not in_place:
+    if replaced and not removable:
         reason = f"a {params['factory']} index cannot replace vectors in place"
     if reason:
-        if params.get("ondisk") or (database is None and index_family(params["factory"]) != "flat"):
+        if params.get("ondisk") or (database is None and family != "flat"):
             raise SpecsearchError(
                 f"{modality} index must be rebuilt ({reason}): run 'specsearch index build'"
             )
@@ -319,21 +335,27 @@ def extend_index(
             k=k,
             seed=seed,
             exact_threshold=params.get("exact_threshold", 0),
+            speed_for=params.get("choice", {}).get("speed_for", "single"),
             device=device,
             show_progress=False,
-            exclude_self=params.get("recall_queries", "").endswith("self excluded"),
+            exclude_self="self excluded" in params.get("recall_queries", ""),
         )
         new_params = {**params, **built, "rebuilt": reason}
         new_params.pop("version", None)
         new_params.pop("ivfdata", None)
     else:
         new_params = dict(params)
+        # up to n_queries new stars wait outside the index until it is re-tuned
+        n_held = min(_n_queries(params), len(new_ids) // 2) if len(new_ids) >= 20 else 0
+        rng = np.random.default_rng(seed)
+        adding = np.ones(len(new_ids), bool)
+        adding[rng.choice(len(new_ids), n_held, replace=False)] = False
         if params.get("ondisk"):
             new_params["version"] = uuid.uuid4().hex
             new_params["ivfdata"] = f"{modality}.{new_params['version']}.ivfdata"
             fresh = ~np.isin(new_ids, stale)
             new_part = empty_copy(index)
-            new_part.add_with_ids(new_embeddings[fresh], new_ids[fresh])
+            new_part.add_with_ids(new_embeddings[fresh & adding], new_ids[fresh & adding])
             sources = [
                 faiss.extract_index_ivf(index).invlists,
                 faiss.extract_index_ivf(new_part).invlists,
@@ -341,29 +363,31 @@ def extend_index(
             index = merge_ondisk(index, sources, Path(index_dir) / new_params["ivfdata"])
             if stale.size:  # in the merged copy: the file readers map is untouched
                 index.remove_ids(faiss.IDSelectorBatch(stale))
-                index.add_with_ids(new_embeddings[~fresh], new_ids[~fresh])
+                index.add_with_ids(new_embeddings[~fresh & adding], new_ids[~fresh & adding])
         else:
             new_params.pop("version", None)
-            index.add_with_ids(new_embeddings, new_ids)
-        source = database or (lambda: iter_index_vectors(index))
+            index.add_with_ids(new_embeddings[adding], new_ids[adding])
+        held_ids = new_ids[~adding]
+        source = _without(database or (lambda: iter_index_vectors(index)), held_ids)
+        n_indexed = n_total - n_held
         queries, query_ids = sample_queries_streaming(
-            source(), min(params.get("n_queries", 1000), n_total), seed
+            source(), min(_n_queries(params), n_indexed), seed
         )
-        if params.get("recall_queries", "").endswith("self excluded") and n_total > 1:
-            k = min(k, n_total - 1)
-            _, true_ids = exact_knn_streaming(queries, source(), k + 1)
-            true_ids = drop_self(true_ids, query_ids, k)
-        else:
-            k, query_ids = min(k, n_total), None
-            _, true_ids = exact_knn_streaming(queries, source(), k)
-        tuning = tune_search_params(index, queries, true_ids, target, k, query_ids=query_ids)
+        exclude_self = "self excluded" in params.get("recall_queries", "") and n_indexed > 1
+        k = min(k, n_indexed - 1 if exclude_self else n_indexed)
+        sets = query_sets_streaming(
+            source(), queries, query_ids, new_embeddings[~adding], k, exclude_self=exclude_self
+        )
+        tuning = tune(index, sets, target, k)
+        index.add_with_ids(new_embeddings[~adding], held_ids)
         new_params.update(
             n=int(index.ntotal),
             target_recall=float(target),
             recall=round(float(tuning.recall), 5),
+            recalls=tuning.recalls,
             search_params=tuning.search_params,
             tuning=tuning.curve,
-            n_queries=len(queries),
+            n_queries={s.kind: len(s.queries) for s in sets},
             recall_reference="store" if database is not None else "index",
         )
     new_params["releases"] = covered
@@ -371,6 +395,25 @@ def extend_index(
     new_params["replaced"] = replaced
     new_params["extended_seconds"] = round(time.perf_counter() - start, 3)
     return save_index(index, new_params, index_dir, modality)
+
+
+def _n_queries(params: dict) -> int:
+    """The queries of each kind an index was tuned with (an int in older parameter files)."""
+    counts = params.get("n_queries", 1000)
+    return max(counts.values()) if isinstance(counts, dict) else int(counts)
+
+
+def _without(batches: Batches, ids: np.ndarray) -> Batches:
+    """``batches`` less the vectors whose id is in ``ids``."""
+    if not len(ids):
+        return batches
+
+    def filtered():
+        for vectors, batch_ids in batches():
+            keep = ~np.isin(batch_ids, ids)
+            yield vectors[keep], batch_ids[keep]
+
+    return filtered
 
 
 def _new_vectors(

@@ -1,15 +1,18 @@
-"""Exact neighbours, recall@k, and tuning an index's search-time knobs to a target recall.
+"""Exact neighbours, recall@k, speed, and tuning an index's search-time knobs to a target recall.
 
-Recall is measured the way the index is used: query vectors sampled from the indexed set are
-searched against the whole set, and the approximate top-k ids are compared with the exact
-inner-product top-k, by default leave-one-out (the query's own id left out of both lists, as a
-search for a star's neighbours does).
+Recall is measured the way the index is used, on two kinds of query (``QuerySet``): stars of the
+index searched for their neighbours, their own id left out of both the exact and the approximate
+lists (search by star, the kNN graph), and vectors not in the index (a spectrum file, the other
+modality, the next release's stars). A graph index finds the neighbours of its own nodes more
+easily than those of a new vector, so the two can differ by a percent; tuning asks both to reach
+the target.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import faiss
@@ -117,6 +120,184 @@ def drop_self(
     return ids, np.take_along_axis(similarities, order, axis=1)[:, :k]
 
 
+# --- kinds of query
+
+
+@dataclass
+class QuerySet:
+    """One kind of query that recall is measured on, with its exact neighbours.
+
+    kind: "self excluded" for stars of the index searched for their neighbours other than
+    themselves (search by star, the kNN graph), "held out" for vectors not in the index (a
+    spectrum file, the other modality's vector, a new release's star before it is added),
+    "self included" for stars of the index whose own id counts as found.
+    queries: (nq, d) float32; true_ids: (nq, k) int64, the exact top-k ids (self excluded where
+    ``query_ids`` is given); query_ids: (nq,) the queries' own ids when they are in the index.
+    """
+
+    kind: str
+    queries: np.ndarray
+    true_ids: np.ndarray
+    query_ids: np.ndarray | None = None
+
+    def recall(self, index: faiss.Index, k: int) -> tuple[np.ndarray, float]:
+        """(recall@k of each query (nq,), seconds the batch search took)."""
+        start = time.perf_counter()
+        _, found = index.search(self.queries, k if self.query_ids is None else k + 1)
+        seconds = time.perf_counter() - start
+        if self.query_ids is not None:
+            found = drop_self(found, self.query_ids, k)
+        return recall_per_query(found, self.true_ids), seconds
+
+
+def query_sets(
+    embeddings: np.ndarray,
+    ids: np.ndarray,
+    self_rows: np.ndarray,
+    held_out: np.ndarray | None,
+    k: int,
+    knn: Callable | None = None,
+    exclude_self: bool = True,
+) -> list[QuerySet]:
+    """The kinds of query for an index over ``embeddings`` (n, d) with ``ids`` (n,).
+
+    self_rows: rows of ``embeddings`` searched as stars of the index, their own id excluded
+    (or, with ``exclude_self`` False, counted); held_out: (m, d) vectors not in ``embeddings``
+    (None or empty: none). Exact neighbours by inner product (``knn``: see ``exact_knn``).
+    """
+    sets = []
+    if len(self_rows) and len(embeddings) > 1:
+        queries = np.ascontiguousarray(embeddings[self_rows])
+        if exclude_self:
+            kk = min(k, len(embeddings) - 1)
+            _, rows = exact_knn(queries, embeddings, kk + 1, knn)
+            query_ids = ids[self_rows]
+            true_ids = drop_self(ids[rows], query_ids, kk)
+            sets.append(QuerySet("self excluded", queries, true_ids, query_ids))
+        else:
+            _, rows = exact_knn(queries, embeddings, min(k, len(embeddings)), knn)
+            sets.append(QuerySet("self included", queries, ids[rows]))
+    if held_out is not None and len(held_out):
+        queries = np.ascontiguousarray(held_out, dtype=np.float32)
+        _, rows = exact_knn(queries, embeddings, min(k, len(embeddings)), knn)
+        sets.append(QuerySet("held out", queries, ids[rows]))
+    return sets
+
+
+def query_sets_streaming(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    self_queries: np.ndarray,
+    self_ids: np.ndarray,
+    held_out: np.ndarray | None,
+    k: int,
+    knn: Callable | None = None,
+    exclude_self: bool = True,
+) -> list[QuerySet]:
+    """``query_sets`` for an index over a set given in ``batches``, in one pass over it.
+
+    self_queries (q, d) with ``self_ids`` (q,): vectors of the set; held_out (m, d): vectors
+    not in it.
+    """
+    held_out = np.empty((0, self_queries.shape[1]), np.float32) if held_out is None else held_out
+    queries = np.concatenate([self_queries, held_out]).astype(np.float32)
+    _, true_ids = exact_knn_streaming(queries, batches, k + 1 if exclude_self else k, knn)
+    own, new = true_ids[: len(self_queries)], true_ids[len(self_queries) :, :k]
+    sets = []
+    if len(self_queries) and exclude_self:
+        self_ids = np.asarray(self_ids, dtype=np.int64)
+        sets.append(QuerySet("self excluded", self_queries, drop_self(own, self_ids, k), self_ids))
+    elif len(self_queries):
+        sets.append(QuerySet("self included", self_queries, own))
+    if len(held_out):
+        sets.append(QuerySet("held out", np.ascontiguousarray(held_out), new))
+    return sets
+
+
+# --- speed
+
+
+SINGLE_QUERIES = 200
+"""One-query searches timed for the single-query latency (its median)."""
+
+FEW_QUERIES = 16
+"""Fewer queries than this are searched on one thread (``one_thread``)."""
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """FAISS on one thread inside the block (process-wide), as it was after.
+
+    For a search of a few queries: FAISS opens a thread pool even for one query (the IDMap
+    wrapper translates its 10 ids in parallel), and waking the pool costs more than the search,
+    a scheduler slice (milliseconds) on a busy machine.
+    """
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def time_search(
+    index: faiss.Index, queries: np.ndarray, k: int, repeats: int = 3, single: int = SINGLE_QUERIES
+) -> dict:
+    """Speed of ``index`` as set now: {"batch_qps", "single_ms"}.
+
+    batch_qps: all ``queries`` (nq, d) in one call, the median of ``repeats`` calls; single_ms:
+    the median over the first ``single`` queries searched one at a time (a user's search).
+    """
+    index.search(queries[:1], k)  # warm up: thread pool, caches
+    batch = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        index.search(queries, k)
+        batch.append(time.perf_counter() - start)
+    return {
+        "batch_qps": round(len(queries) / max(float(np.median(batch)), 1e-9), 1),
+        "single_ms": round(single_query_ms(index, queries[:single], k), 4),
+    }
+
+
+def time_side_by_side(
+    indexes: dict[str, faiss.Index], queries: np.ndarray, k: int, rounds: int = 5
+) -> dict[str, dict]:
+    """``time_search`` of several indexes in turn, round after round: {name: speed}, medians.
+
+    Timing them interleaved puts a shared machine's passing load on all of them alike.
+    """
+    batch: dict[str, list[float]] = {name: [] for name in indexes}
+    single: dict[str, list[float]] = {name: [] for name in indexes}
+    for index in indexes.values():
+        index.search(queries[:1], k)  # warm up
+    for _ in range(rounds):
+        for name, index in indexes.items():
+            start = time.perf_counter()
+            index.search(queries, k)
+            batch[name].append(time.perf_counter() - start)
+            single[name].append(single_query_ms(index, queries[:SINGLE_QUERIES], k))
+    return {
+        name: {
+            "batch_qps": round(len(queries) / max(float(np.median(batch[name])), 1e-9), 1),
+            "single_ms": round(float(np.median(single[name])), 4),
+        }
+        for name in indexes
+    }
+
+
+def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
+    """Median milliseconds of searching each of ``queries`` alone, on one thread as
+    ``search_store`` does."""
+    times = np.empty(len(queries))
+    with one_thread():
+        for row in range(len(queries)):
+            query = queries[row : row + 1]
+            start = time.perf_counter()
+            index.search(query, k)
+            times[row] = time.perf_counter() - start
+    return 1e3 * float(np.median(times)) if len(times) else 0.0
+
+
 # --- search-time knobs
 
 
@@ -129,18 +310,46 @@ class Knob:
     to_string: Callable[[int], str]
 
 
-CONFIDENCE_Z = 2.0
-"""Tuning asks that mean recall minus this many standard errors reach the target, so the chosen
-setting is not one that reaches it on the sampled queries by luck (about 97.5% one-sided)."""
+CONFIDENCE_Z = 1.0
+"""Tuning asks that mean recall minus this many standard errors reach the target on each kind of
+query: a margin of one standard error (0.0025 to 0.004 on 1,000 queries near recall 0.95, half
+that on 4,000; see ``tuning_queries``), so the setting chosen reaches the target on other queries
+too, most of the time."""
+
+
+def tuning_queries(n: int) -> int:
+    """Queries of each kind that recall is tuned on, for a set of n vectors: one per 250 vectors,
+    at least 1,000 and at most 4,000.
+
+    The margin of one standard error is paid on every search the index then serves (on the XP
+    embeddings of 1M stars it was two steps of efSearch, ~15% of the speed). A large set serves
+    the most searches and its build dwarfs exact search over a few thousand queries, so it is
+    tuned on more of them; a small one keeps its build quick.
+    """
+    return int(min(4000, max(1000, n // 250)))
+
+
+PLATEAU = 0.001
+"""A knob that doubled without raising recall by this much has stopped helping: tuning gives up."""
 
 
 @dataclass
 class Tuning:
-    """Result of tuning: the chosen search parameters, their recall and the curve measured."""
+    """Result of tuning: the chosen search parameters, their recall and the curve measured.
+
+    recall: the lowest mean recall over the kinds of query (the one that binds); recalls: the
+    mean recall of each kind; reached: whether every kind reached the target; speed: batch QPS
+    and single-query ms at the chosen parameters (empty unless timed); stopped: why tuning
+    stopped short of the target, if it did.
+    """
 
     search_params: str
     recall: float
     curve: list[dict] = field(default_factory=list)
+    recalls: dict[str, float] = field(default_factory=dict)
+    reached: bool = True
+    speed: dict = field(default_factory=dict)
+    stopped: str = ""
 
 
 def ivf_of(index: faiss.Index):
@@ -155,24 +364,33 @@ def ivf_of(index: faiss.Index):
     return index if gpu_ivf is not None and isinstance(index, gpu_ivf) else None
 
 
-def search_knob(index: faiss.Index) -> Knob | None:
-    """The knob that trades speed for recall in ``index`` (nprobe, or efSearch), if it has one."""
+def graph_of(index: faiss.Index):
+    """The HNSW index inside ``index`` (under IDMap or pre-transform wrappers), or None."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def search_knob(index: faiss.Index, k: int = 10) -> Knob | None:
+    """The knob that trades speed for recall in ``index`` (nprobe, or efSearch), if it has one.
+
+    efSearch starts at k: FAISS searches a graph at least k wide whatever it is set to.
+    """
     ivf = ivf_of(index)
     if ivf is not None:
         values = _doubling(1, ivf.nlist)
         if isinstance(getattr(ivf, "quantizer", None), faiss.Index) and isinstance(
             faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW
         ):
-            # the HNSW quantiser must look at least as wide as the lists it returns
+            # the HNSW quantiser looks at least nprobe wide anyway; twice that finds the lists
+            # (a wider one costs as much as the lists it saves at small nprobe)
             return Knob(
-                "nprobe", values, lambda v: f"nprobe={v},quantizer_efSearch={max(2 * v, 64)}"
+                "nprobe", values, lambda v: f"nprobe={v},quantizer_efSearch={max(2 * v, 8)}"
             )
         return Knob("nprobe", values, lambda v: f"nprobe={v}")
-    inner = index
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        inner = faiss.downcast_index(inner.index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return Knob("efSearch", _doubling(16, 4096), lambda v: f"efSearch={v}")
+    if graph_of(index) is not None:
+        return Knob("efSearch", _doubling(max(k, 1), 4096), lambda v: f"efSearch={v}")
     return None
 
 
@@ -191,6 +409,102 @@ def set_search_params(index: faiss.Index, search_params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, search_params)
 
 
+def tune(
+    index: faiss.Index,
+    sets: list[QuerySet],
+    target_recall: float,
+    k: int,
+    set_params: Callable[[faiss.Index, str], None] = set_search_params,
+    *,
+    timed: bool = False,
+    give_up: Callable[[dict], str] | None = None,
+) -> Tuning:
+    """Raise the index's knob until recall@k reaches ``target_recall`` on every kind of query.
+
+    A value "reaches" the target when, for each query set, the mean recall less CONFIDENCE_Z
+    standard errors does. Doubles the knob, then bisects between the last value that missed and
+    the first that hit, so the chosen value is within ~12% of the smallest that reaches the
+    target (exact below 16). An index without a knob is measured once. If no value reaches the
+    target (or recall stops rising, or ``give_up`` names a reason on a curve point), the best
+    value measured is kept and ``reached`` is False.
+
+    timed: also time one-query searches at each value and the chosen value's batch and
+    single-query speed (``Tuning.speed``); each curve point has "batch_qps" either way (from
+    the recall searches of the first query set).
+    """
+    if not sets:
+        raise ValueError("tuning needs at least one set of queries")
+    knob = search_knob(index, k)
+    curve: list[dict] = []
+
+    def measure(params: str) -> dict:
+        set_params(index, params)
+        point: dict = {"search_params": params, "recall": {}, "recall_se": {}, "reached": True}
+        for number, query_set in enumerate(sets):
+            per_query, seconds = query_set.recall(index, k)
+            mean = float(per_query.mean())
+            error = (
+                float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
+                if len(per_query) > 1
+                else 0.0
+            )
+            point["recall"][query_set.kind] = round(mean, 5)
+            point["recall_se"][query_set.kind] = round(error, 5)
+            point["reached"] &= mean - CONFIDENCE_Z * error >= target_recall - 1e-12
+            if number == 0:
+                point["batch_qps"] = round(len(per_query) / max(seconds, 1e-9), 1)
+        if timed:
+            point["single_ms"] = round(single_query_ms(index, sets[0].queries[:100], k), 4)
+        curve.append(point)
+        return point
+
+    def result(point: dict, stopped: str = "") -> Tuning:
+        set_params(index, point["search_params"])
+        return Tuning(
+            point["search_params"],
+            min(point["recall"].values()),
+            curve,
+            dict(point["recall"]),
+            point["reached"],
+            time_search(index, sets[-1].queries, k) if timed else {},
+            stopped,
+        )
+
+    if knob is None:
+        return result(measure(""))
+
+    points: dict[int, dict] = {}
+    hit, stopped = None, ""
+    for value in knob.values:
+        point = points[value] = measure(knob.to_string(value))
+        if point["reached"]:
+            hit = value
+            break
+        stopped = give_up(point) if give_up is not None else ""
+        if stopped:
+            break
+        if len(points) > 1 and _lowest(point) - _lowest(curve[-2]) < PLATEAU:
+            stopped = f"recall stopped rising at {knob.name}={value} ({_lowest(point):.4f})"
+            break
+    if hit is None:
+        return result(max(curve, key=_lowest), stopped or f"{knob.name} reached its largest value")
+
+    low = max((v for v in points if v < hit), default=None)
+    while low is not None and hit - low > max(1, hit // 8):
+        middle = (low + hit) // 2
+        points[middle] = measure(knob.to_string(middle))
+        if points[middle]["reached"]:
+            hit = middle
+        else:
+            low = middle
+    return result(points[hit])
+
+
+def _lowest(point: dict) -> float:
+    """The lowest mean recall of a curve point over the kinds of query."""
+    return min(point["recall"].values())
+
+
 def tune_search_params(
     index: faiss.Index,
     queries: np.ndarray,
@@ -200,68 +514,8 @@ def tune_search_params(
     set_params: Callable[[faiss.Index, str], None] = set_search_params,
     query_ids: np.ndarray | None = None,
 ) -> Tuning:
-    """Raise the index's knob until recall@k of ``queries`` reaches ``target_recall``.
-
-    A value "reaches" the target when the mean recall less CONFIDENCE_Z standard errors (over
-    the queries) does. Doubles the knob, then bisects between the last value that missed and the
-    first that hit, so the chosen value is within ~12% of the smallest that reaches the target.
-    An index without a knob is measured once. If no value reaches the target, the best is kept.
-
-    With ``query_ids`` (the ids of the queries, which are in the index) recall is leave-one-out:
-    each query's own id is removed from its results, and ``true_ids`` must exclude it too.
+    """``tune`` on one set of queries: leave-one-out with ``query_ids`` (the ids of the queries,
+    which are in the index; ``true_ids`` must exclude them too), else queries counted as given.
     """
-    knob = search_knob(index)
-    curve: list[dict] = []
-    lower_bounds: dict[str, float] = {}
-
-    def measure(params: str) -> float:
-        set_params(index, params)
-        start = time.perf_counter()
-        _, found = index.search(queries, k if query_ids is None else k + 1)
-        seconds = time.perf_counter() - start
-        if query_ids is not None:
-            found = drop_self(found, query_ids, k)
-        per_query = recall_per_query(found, true_ids)
-        recall = float(per_query.mean())
-        error = (
-            float(per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
-        )
-        lower_bounds[params] = recall - CONFIDENCE_Z * error
-        curve.append(
-            {
-                "search_params": params,
-                "recall": round(recall, 5),
-                "recall_se": round(error, 5),
-                "ms_per_query": round(1e3 * seconds / max(len(queries), 1), 4),
-            }
-        )
-        return recall
-
-    def reaches(params: str) -> bool:
-        return lower_bounds[params] >= target_recall - 1e-12
-
-    if knob is None:
-        return Tuning("", measure(""), curve)
-
-    results: dict[int, float] = {}
-    hit = None
-    for value in knob.values:
-        results[value] = measure(knob.to_string(value))
-        if reaches(knob.to_string(value)):
-            hit = value
-            break
-    if hit is None:
-        best = max(results, key=lambda v: (results[v], -v))
-        set_params(index, knob.to_string(best))
-        return Tuning(knob.to_string(best), results[best], curve)
-
-    low = max((v for v in results if v < hit), default=None)
-    while low is not None and hit - low > max(1, hit // 8):
-        middle = (low + hit) // 2
-        results[middle] = measure(knob.to_string(middle))
-        if reaches(knob.to_string(middle)):
-            hit = middle
-        else:
-            low = middle
-    set_params(index, knob.to_string(hit))
-    return Tuning(knob.to_string(hit), results[hit], curve)
+    kind = "self excluded" if query_ids is not None else "self included"
+    return tune(index, [QuerySet(kind, queries, true_ids, query_ids)], target_recall, k, set_params)

@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from .choose import (
     index_bytes,
 )
 from .io import extend_index, load_index, read_params, rebuild_reason, save_index
+from .measure import FEW_QUERIES, one_thread
 
 READ_BATCH = 65_536
 
@@ -223,6 +225,7 @@ def build_store_indexes(
     memory_budget_bytes: int | None = None,
     exact_threshold: int = EXACT_THRESHOLD,
     exclude_self: bool = True,
+    speed_for: str = "single",
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
@@ -231,7 +234,8 @@ def build_store_indexes(
 
     The vectors are read in memory when they and the index fit ``memory_budget_bytes`` (default:
     half of RAM); otherwise the index is built in shards with on-disk lists. The other arguments
-    are those of ``build.build_index``.
+    are those of ``build.build_index``: ``speed_for`` "single" (default) picks the fastest index
+    for a user's search, one star at a time; "batch" the fastest for a kNN graph of the store.
     """
     start = time.perf_counter()
     store = Store.open(store)
@@ -251,6 +255,7 @@ def build_store_indexes(
             device,
             show_progress,
             exclude_self,
+            speed_for,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -267,6 +272,7 @@ def _build_one(
     device,
     show_progress,
     exclude_self=True,
+    speed_for="single",
 ) -> dict:
     n, d = embedding_set.n, embedding_set.d
     in_memory_bytes = n * d * 4 + (
@@ -301,6 +307,7 @@ def _build_one(
             seed=seed,
             exact_threshold=exact_threshold,
             exclude_self=exclude_self,
+            speed_for=speed_for,
             device=device,
             show_progress=show_progress,
         )
@@ -454,7 +461,8 @@ def search_store(
     norms = np.linalg.norm(queries, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or (norms == 0).any():
         raise SpecsearchError("a query vector is zero, NaN or infinite")
-    similarities, ids = index.search(np.ascontiguousarray(queries / norms), k)
+    with one_thread() if len(queries) < FEW_QUERIES else nullcontext():
+        similarities, ids = index.search(np.ascontiguousarray(queries / norms), k)
     similarities[ids < 0] = np.nan
     if np.nanmax(np.abs(similarities), initial=0.0) > 1.01:  # unit vectors: |cos| <= 1
         raise EnvironmentFault(

@@ -666,8 +666,9 @@ def fit_reference(
         rows, vectors = knn_vectors(embedding, has, space)
         if len(rows) < 2:
             continue
+        # searched only in batches (every star of a release): the fastest index for a batch
         reference._indexes[space] = build_index(
-            vectors, ids[rows], show_progress=False, device="cpu"
+            vectors, ids[rows], speed_for="batch", show_progress=False, device="cpu"
         )
         reference.knn_scale[space] = _own_knn_distance(
             reference._indexes[space][0], vectors, ids[rows]
