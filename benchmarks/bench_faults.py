@@ -104,8 +104,8 @@ def fuzz_trials(work: Path, examples: int, rng: random.Random) -> list[Trial]:
 
 
 def crash_runs(work: Path, runs: int) -> list[Trial]:
-    """``search --source-id`` in fresh processes, for a star with both spectra and one with an
-    LRS spectrum only (no XP), each ``runs`` times."""
+    """``search --source-id`` in fresh processes, ``runs`` times each: a star with both spectra,
+    and one with an LRS spectrum only, asked for its LRS and for its (missing) XP neighbours."""
     source = source_release(work / "src", 0, 300)
     table = pq.read_table(source / "part.parquet")
     lrs_only = table.column("source_id")[0].as_py()
@@ -124,16 +124,23 @@ def crash_runs(work: Path, runs: int) -> list[Trial]:
         assert cli(*args, "--store", str(store)).returncode == 0
     both = table.column("source_id")[1].as_py()
     trials = []
+    cases = (  # (star, modality, expected exit): an LRS-only star asked for its XP neighbours
+        (lrs_only, "xp", 2, "LRS-only star, --modality xp (no XP embedding: one-line error)"),
+        (lrs_only, "lrs", 0, "LRS-only star, --modality lrs"),
+        (both, "xp", 0, "star with both, --modality xp"),
+    )
     for i in range(runs):
-        for star, what in ((lrs_only, "LRS-only star"), (both, "star with both")):
+        for star, modality, expected, what in cases:
             trial = Trial("search by id", f"{what}, run {i}")
             result = cli("search", "--store", str(store), "--source-id", str(star),
-                         "--modality", "lrs", "-k", "5", "--format", "csv")  # fmt: skip
-            if result.returncode != 0:
-                if is_traceback(result.stderr) or result.returncode < 0 or result.returncode > 2:
-                    trial.tracebacks.append(f"exit {result.returncode}: {result.stderr[-300:]}")
-                else:
-                    trial.problems.append(result.stderr.strip())
+                         "--modality", modality, "-k", "5", "--format", "csv")  # fmt: skip
+            text = result.stderr.strip()
+            if is_traceback(text) or result.returncode not in (0, 1, 2):
+                trial.tracebacks.append(f"exit {result.returncode}: {text[-300:]}")
+            elif result.returncode != expected:
+                trial.problems.append(f"exit {result.returncode}, {expected} expected: {text}")
+            elif expected and len(text.splitlines()) != 1:
+                trial.tracebacks.append(f"not one line: {text[-300:]}")
             trials.append(trial)
     return trials
 
