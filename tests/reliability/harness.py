@@ -364,11 +364,16 @@ def kill_trial(chain: Chain, stage: str, work: Path, rng: random.Random) -> Tria
     before = 0 if stage == "nightly" else k
     after = len(chain.states) - 1 if stage == "nightly" else k + 1
     args = chain.stages[k][1]
-    store = copy_store(chain.states[before], work / "store")
-    delay = rng.uniform(0.2, 1.0) * chain.seconds[k]
-    trial = Trial("kill -9", f"{stage} at {delay:.1f} s of {chain.seconds[k]:.1f} s")
+    delay = rng.uniform(0.1, 0.9) * chain.seconds[k]
+    trial = Trial("kill -9", "")
     t0 = time.perf_counter()
-    code, survivors = kill_at([*args, "--store", str(store)], delay)
+    for _ in range(4):  # a run faster than the clean one may end before the kill: kill sooner
+        store = copy_store(chain.states[before], work / "store")
+        code, survivors = kill_at([*args, "--store", str(store)], delay)
+        if code != 0:
+            break
+        delay /= 2
+    trial.detail = f"{stage} at {delay:.1f} s of {chain.seconds[k]:.1f} s"
     if survivors:
         trial.problems.append(f"{len(survivors)} worker processes outlived the killed run")
     if code == 0:
