@@ -379,7 +379,9 @@ def kill_trial(chain: Chain, stage: str, work: Path, rng: random.Random) -> Tria
     if code == 0:
         trial.detail += " (finished before the kill)"
     seen = answers(store, chain.probe_id)
-    verdict = judge(seen, [chain.answers[before], chain.answers[after]])
+    # nightly commits stage by stage: broken off, the store is as after one of its stages
+    allowed = chain.answers if stage == "nightly" else [chain.answers[before], chain.answers[after]]
+    verdict = judge(seen, allowed)
     trial.wrong += verdict["wrong"]
     trial.tracebacks += verdict["tracebacks"]
     trial.errors += verdict["errors"]
@@ -556,9 +558,13 @@ def damage_trial(chain: Chain, target: str, how: str, work: Path, rng: random.Ra
     path = rng.choice(files)
     if how == "swap":  # with a valid file of the same kind (another release's, modality's)
         pattern = DAMAGE_TARGETS[target].replace("DR1", "*").replace("DR2", "*")
-        others = [p for p in store.glob(pattern.replace("xp", "*")) if p != path]
-        if not others:
-            trial.detail += ": nothing of its kind to swap with"
+        data = path.read_bytes()
+        others = [
+            p for p in store.glob(pattern.replace("xp", "*")) if p != path and p.read_bytes() != data
+        ]  # fmt: skip
+        if not others:  # (two releases without rejects hold the same bytes: no damage)
+            trial.kind = "damaged file (none to swap)"
+            trial.detail += ": no other file of its kind with other bytes"
             return trial
         trial.detail += ": " + damage(path, how, rng, rng.choice(others))
     else:
