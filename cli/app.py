@@ -65,6 +65,34 @@ def one_line_errors(func):
     return wrapper
 
 
+class _RefusePandas:
+    """An import finder that answers 'no pandas' (see ``without_pandas``)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas":
+            raise ImportError("pandas is not used by this command")
+        return None
+
+
+def without_pandas(func):
+    """Run a command with pandas unimportable. pyarrow imports pandas, if it can, on its first
+    conversion to numpy (0.3-1 s: more than all the rest of a search by id); it takes an
+    ImportError as 'no pandas'. For commands that use no pandas (search, sql)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if "pandas" in sys.modules:
+            return func(*args, **kwargs)
+        sys.meta_path.insert(0, _RefusePandas)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            sys.meta_path.remove(_RefusePandas)
+
+    return wrapper
+
+
 def not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'specsearch {command}' is not built yet ({issue})")
 
@@ -315,6 +343,7 @@ def index_build(
 
 @app.command()
 @one_line_errors
+@without_pandas
 def search(
     store: StoreOpt,
     source_id: Annotated[
@@ -574,6 +603,7 @@ def _nightly_failure(err: BaseException, json_output: bool) -> None:
 
 @app.command()
 @one_line_errors
+@without_pandas
 def sql(
     store: StoreOpt,
     query: Annotated[str, typer.Argument(help="A DuckDB SQL query.")],
