@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specsearch.models.factory import build_model, read_card, save_model
 from specsearch.train import recipe
 from specsearch.train.loop import TrainConfig
@@ -62,3 +64,21 @@ def test_sittings_resume_and_the_card_keeps_every_command(tmp_path, monkeypatch)
 
     calls.clear()
     assert recipe.run(out, work, command="sitting 3") == out and calls == []  # all done
+
+
+def test_a_killed_sitting_keeps_the_time_of_its_logged_epochs(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+
+    def stages(work_, data, seed, scale, device, log, init=None):
+        def killed(cfg: TrainConfig) -> dict:
+            log("epoch=1 ...")  # the trainer logs every epoch
+            raise KeyboardInterrupt  # as if the sitting were killed in the second epoch
+
+        return [recipe.Stage("slow", TrainConfig(epochs=2), killed)]
+
+    monkeypatch.setattr(recipe, "stages", stages)
+    monkeypatch.setattr(recipe, "make_data", lambda *a, **k: {})
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run(tmp_path / "model", work, command="sitting 1")
+    record = json.loads((work / "slow.json").read_text())
+    assert record["finished"] is False and record["seconds"] > 0

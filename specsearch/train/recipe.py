@@ -148,7 +148,7 @@ def stages(
         Stage(  # v1's 30 epochs (1.5 min) limited the labels; the OAE is cheap to train longer
             "pretrain_xp",
             TrainConfig(
-                epochs=epochs(60 if init else 120),
+                epochs=epochs(40 if init else 120),
                 batch_size=256,
                 lr=1e-3,
                 seed=seed,
@@ -207,7 +207,17 @@ def run(
     data = make_data(work, n_sim, seed, log)
     if not data_file.exists():
         write_json_atomic({"seconds": time.perf_counter() - t0, "finished": True}, data_file)
-    for stage in stages(work, data, seed, scale, device, log, init):
+    running: dict = {}  # the stage now running: its file, record and start
+
+    def log_and_note(message: str) -> None:
+        """Log, and note the running stage's time so far: a killed sitting loses at most the
+        time since the last message (an epoch)."""
+        log(message)
+        if running:
+            spent = running["record"]["seconds"] + time.perf_counter() - running["t0"]
+            write_json_atomic({**running["record"], "seconds": spent}, running["path"])
+
+    for stage in stages(work, data, seed, scale, device, log_and_note, init):
         path = _stage_file(work, stage.name)
         record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0}
         if record.get("finished"):
@@ -220,7 +230,9 @@ def run(
         cfg = (
             replace(stage.cfg, max_minutes=left()) if max_minutes and stage.resumable else stage.cfg
         )
+        running.update(path=path, record={**record, "finished": False}, t0=t0)
         result = stage.run(cfg)
+        running.clear()
         record["seconds"] += time.perf_counter() - t0
         record["finished"] = bool(result.get("finished"))
         write_json_atomic(record, path)
@@ -290,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         default=None,
         help="warm-start from this SpecCLIP model (id or directory): its LRS encoder as it is, "
-        "its XP encoder for 60 more epochs, its heads and decoders for 12 epochs of alignment",
+        "its XP encoder for 40 more epochs, its heads and decoders for 12 epochs of alignment",
     )
     args = parser.parse_args(argv)
     set_threads(args.threads)
