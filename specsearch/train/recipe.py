@@ -275,7 +275,10 @@ def run(
         card.pop(key, None)
     if out.exists():
         shutil.rmtree(out)
-    save_model(model, out, card)
+    card["weights"] = (
+        "float16 for tensors of >= 4096 values, float32 for the rest (save_model half)"
+    )
+    save_model(model, out, card, half=True)  # a shipped model: half the file
     log(f"model written to {out} in {card['total_minutes']} min")
     return out
 
