@@ -159,7 +159,7 @@ def stages(
         Stage(
             "align",
             TrainConfig(
-                epochs=epochs(45 if init else 25),
+                epochs=epochs(30 if init else 25),
                 batch_size=512,
                 lr=1e-3,
                 seed=seed,
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         default=None,
         help="warm-start from this SpecCLIP model (id or directory): its LRS encoder as it is, "
-        "its XP encoder for 40 more epochs, its heads and decoders for 45 epochs of alignment",
+        "its XP encoder for 40 more epochs, its heads and decoders for 30 epochs of alignment",
     )
     args = parser.parse_args(argv)
     set_threads(args.threads)
