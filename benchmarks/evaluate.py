@@ -661,7 +661,11 @@ def simulate_once(out: Path, **options) -> str:
     seeds are fixed, so the same call makes the same stars. Returns what to log."""
     done = out / f"simulation-{options['release']}.json"
     made = json.loads(done.read_text()) if done.exists() else {}
-    if (made.get("n"), made.get("seed")) == (options["n"], options["seed"]):
+    # n = 0 with real_xp_split: one star per real spectrum of that split, however many
+    same_n = made.get("n") == options["n"] or (
+        options["n"] == 0 and made.get("real_xp_split") == options.get("real_xp_split")
+    )
+    if same_n and made.get("seed") == options["seed"]:
         return f"reused {out} ({options['n']} stars, seed {options['seed']})"
     return str(simulate_release(out, **options))
 

@@ -302,3 +302,10 @@ def test_simulate_once_reuses_what_an_earlier_run_left(tmp_path, monkeypatch):
     assert ev.simulate_once(tmp_path / "a", **options).startswith("reused")
     assert ev.simulate_once(tmp_path / "a", **{**options, "n": 200}) == "simulated"
     assert len(calls) == 2
+    # n = 0 with a real XP split: the record says how many stars that made
+    real = dict(n=0, seed=8, release="R", anomaly_fraction=0.0, real_xp_split="test")
+    (tmp_path / "r").mkdir()
+    made = {"n": 4982, "seed": 8, "real_xp_split": "test"}
+    (tmp_path / "r" / "simulation-R.json").write_text(json.dumps(made))
+    assert ev.simulate_once(tmp_path / "r", **real).startswith("reused")
+    assert ev.simulate_once(tmp_path / "r", **{**real, "real_xp_split": "val"}) == "simulated"
