@@ -161,8 +161,17 @@ def simulate(
     real_xp_split: Annotated[
         str | None, typer.Option(help="Split of those real stars: train, val, test or train+val.")
     ] = None,
+    as_files: Annotated[
+        bool,
+        typer.Option(
+            "--as-files",
+            help="Write LAMOST LRS FITS files (both layouts) and Gaia XP_SAMPLED products under "
+            "OUT/files/release=R/ instead of shards; ingest gives the same rows.",
+        ),
+    ] = False,
 ) -> None:
-    """Write a synthetic paired LRS + XP release as canonical shards plus truth.parquet."""
+    """Write a synthetic paired LRS + XP release as canonical shards (or as the surveys' files)
+    plus truth.parquet."""
     from specsearch.sim.simulate import simulate_release
 
     result = simulate_release(
@@ -174,6 +183,7 @@ def simulate(
         real_xp_fraction=real_xp_fraction,
         real_xp_split=real_xp_split,
         show_progress=True,
+        as_files=as_files,
     )
     typer.echo(result)
 
