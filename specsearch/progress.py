@@ -10,39 +10,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
-
-
-class _Rate(ProgressColumn):
-    """Units done per second, once rich has measured it."""
-
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        return Text("" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s")
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def bar(show_progress: bool = True, unit: str = "") -> Progress:
     """description, bar, done/total [unit], rate, elapsed and remaining time."""
+    # rich is imported here, not above: commands that draw no bar (search, sql) skip its cost
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """Units done per second, once rich has measured it."""
+
+        def render(self, task) -> Text:
+            return Text("" if task.speed is None else f"{task.speed:,.0f} {unit}/s")
+
     console = Console(stderr=True)
     columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
     columns.append(MofNCompleteColumn())
     if unit:
-        columns += [TextColumn(unit), _Rate(unit)]
+        columns += [TextColumn(unit), Rate()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     return Progress(
         *columns,

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import InputError, SpecsearchError
 from .grids import N_LRS, N_XP
@@ -292,6 +291,8 @@ def validate_shard(table: pa.Table, where: str = "shard", check_unique: bool = T
                     f"{where}: column {name} has length {col.type.list_size}, expected {width}"
                 )
         else:
+            import pyarrow.compute as pc  # here: importing it costs sql and search ~0.1 s
+
             lengths = pc.list_value_length(col).fill_null(width).to_numpy()
             bad = np.flatnonzero(lengths != width)
             if bad.size:

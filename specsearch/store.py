@@ -45,12 +45,10 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import EnvironmentFault, InputError, SpecsearchError
@@ -71,6 +69,9 @@ from .schema import (
     check_modality,
     check_release,
 )
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -506,6 +507,9 @@ class Store:
     def shards(self, release: str | None = None) -> ds.Dataset:
         """Every canonical row of one release, or of all (history: a star may appear in several
         releases), as an Arrow dataset. ``read_shards`` applies the current-row rule."""
+        import pyarrow.dataset as ds  # here, not above: it imports pandas, which a lookup by id
+        # (``rows_with_ids``) does without
+
         paths = [str(p) for p in self.shard_files(release)]
         return ds.dataset(paths, format=verified_format(), schema=pq.read_schema(paths[0]))
 
@@ -522,10 +526,11 @@ class Store:
         names = None if columns is None else list(dict.fromkeys([*columns, "source_id"]))
         if names is not None and not (release or history):
             names = list(dict.fromkeys([*names, "release"]))
-        where = None
         if source_ids is not None:
-            where = pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64)))
-        table = self.shards(release).to_table(columns=names, filter=where)
+            parts = [rows_with_ids(path, names, source_ids) for path in self.shard_files(release)]
+            table = pa.concat_tables(parts, promote_options="default")
+        else:
+            table = self.shards(release).to_table(columns=names)
         if not (release or history):
             table = table.filter(pa.array(_latest(table, self._release_rank())))
         return table.select(columns) if columns is not None else table
@@ -713,14 +718,14 @@ class Store:
                 f"{self.root}: no {modality} embeddings{where} (run 'specsearch embed')"
             )
         names = None if columns is None else list(dict.fromkeys(["source_id", *columns]))
-        where = None
-        if source_ids is not None:
-            where = pc.field("source_id").isin(pa.array(np.asarray(source_ids, dtype=np.int64)))
+        if source_ids is None:
+            import pyarrow.dataset as ds
         parts = []
         for rel, path in files:
-            part = ds.dataset(str(path), format=verified_format()).to_table(
-                columns=names, filter=where
-            )
+            if source_ids is not None:
+                part = rows_with_ids(path, names, source_ids)
+            else:
+                part = ds.dataset(str(path), format=verified_format()).to_table(columns=names)
             parts.append(
                 part.append_column("release", pa.array([rel] * part.num_rows, pa.string()))
             )
@@ -1153,6 +1158,34 @@ def _sha(record: dict | str) -> str:
     return record if isinstance(record, str) else record["sha256"]
 
 
+def rows_with_ids(path: Path, columns: list[str] | None, source_ids: np.ndarray) -> pa.Table:
+    """The rows of one Parquet file whose source_id is one of ``source_ids``, reading only the
+    row groups whose source_id statistics (min, max) can hold one: an id lookup in a 1M store
+    reads a few row groups. Pages are checked against their CRC as everywhere (VERIFY)."""
+    wanted = np.unique(np.asarray(source_ids, dtype=np.int64))
+    parquet = pq.ParquetFile(path, **VERIFY)
+    meta = parquet.metadata
+    leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == "source_id")
+    groups = [
+        group
+        for group in range(meta.num_row_groups)
+        if _may_hold(meta.row_group(group).column(leaf).statistics, wanted)
+    ]
+    if not groups:
+        empty = parquet.schema_arrow.empty_table()
+        return empty if columns is None else empty.select(columns)
+    table = parquet.read_row_groups(groups, columns=columns)
+    return table.filter(pa.array(np.isin(table.column("source_id").to_numpy(), wanted)))
+
+
+def _may_hold(statistics, wanted: np.ndarray) -> bool:
+    """Whether a row group with these source_id statistics may hold one of ``wanted`` (sorted)."""
+    if statistics is None or not statistics.has_min_max:
+        return True
+    first = np.searchsorted(wanted, statistics.min)
+    return bool(first < len(wanted) and wanted[first] <= statistics.max)
+
+
 def _read_ids(path: Path) -> np.ndarray:
     return pq.read_table(path, columns=["source_id"], **VERIFY).column("source_id").to_numpy()
 
@@ -1161,6 +1194,8 @@ def _latest(table: pa.Table, rank: dict[str, int] | None) -> np.ndarray:
     """Bool mask of the rows that are their star's latest: the highest release rank per
     source_id. ``rank`` maps the table's ``release`` column to ranks (None: the table has a
     ``_rank`` column)."""
+    import pyarrow.compute as pc
+
     ids = table.column("source_id").to_numpy()
     if rank is None:
         ranks = table.column("_rank").to_numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -153,6 +154,60 @@ def test_partner_ranks_do_not_depend_on_the_chunk():
 # --- summaries and verdicts
 
 
+def test_top_k_indices_are_the_best_scores_in_order():
+    query = unit_vectors(50, 8, seed=3)
+    candidates = unit_vectors(300, 8, seed=4)
+    top = ev.top_k_indices(query, candidates, k=5, chunk=7)
+    scores = query @ candidates.T
+    np.testing.assert_array_equal(top, np.argsort(-scores, axis=1)[:, :5])
+
+
+def test_oracle_neighbours_are_the_nearest_in_scaled_labels():
+    # teff in K and logg in dex: scaled by their spreads, each matters as much as the other
+    labels = np.array(
+        [[5000.0, 4.0, 0.0], [5010.0, 4.0, np.nan], [5000.0, 3.0, 0.0], [6000.0, 4.0, 0.0]]
+    )
+    labels = np.vstack([labels, [[5000.0 + 1000 * i, 1.0 + i, 0.5] for i in range(6)]])
+    top = ev.oracle_top_k(labels, k=2, chunk=3)
+    assert top[0, 0] == 0 and top[0, 1] == 1  # itself, then 10 K away (its NaN [Fe/H] adds 0)
+    assert top[1, 1] == 0
+
+
+def test_neighbour_label_distance_is_a_median_of_medians():
+    labels = np.array([[5000.0, 4.0], [5100.0, 4.5], [5400.0, 3.0], [np.nan, 2.0]])
+    neighbours = np.array([[1, 2], [0, 2], [0, 1], [0, 1]])
+    out = ev.neighbour_label_distance(neighbours, labels, ["teff", "logg"])
+    # teff per query: median(100, 400) = 250, median(100, 300) = 200, median(400, 300) = 350;
+    # the fourth query has no teff -> skipped
+    assert out["teff"] == pytest.approx(250.0)
+    # logg: 0.75, 1.0, 1.25, 2.25 -> median 1.125
+    assert out["logg"] == pytest.approx(1.125)
+
+
+def test_round_trip_comparison_of_identical_and_shifted_rows():
+    rng = np.random.default_rng(5)
+    n = 400
+    truth = np.column_stack(
+        [rng.uniform(4000, 6000, n), rng.uniform(1, 5, n), rng.normal(0, 0.3, n), np.zeros(n)]
+    )
+    emb = unit_vectors(n, 16, seed=6)
+
+    def outputs(shift: float) -> dict:
+        labels = {}
+        for j, label in enumerate(("teff", "logg", "fe_h", "alpha_m")):
+            labels[label] = truth[:, j] + (shift if label == "teff" else 0.0)
+            labels[f"{label}_err"] = np.full(n, 100.0 if label == "teff" else 0.1)
+        return {"lrs_embedding": emb, "lrs_labels": labels}
+
+    same = ev.compare_round_trip(outputs(0.0), outputs(0.0), truth)
+    assert same["cosine"]["median"] == pytest.approx(1.0, abs=1e-6)
+    assert same["teff_shift_over_sigma"]["median"] == 0.0
+    moved = ev.compare_round_trip(outputs(0.0), outputs(30.0), truth)
+    assert moved["teff_shift_over_sigma"]["median"] == pytest.approx(0.3)
+    assert moved["labels"]["teff"]["bias_difference"] == pytest.approx(30.0)
+    assert moved["labels"]["logg"]["bias_difference"] == pytest.approx(0.0)
+
+
 def test_percentile_summary():
     values = np.concatenate([np.arange(101.0), [np.nan, np.inf]])
     s = ev.percentile_summary(values)
@@ -229,3 +284,28 @@ def test_mlp_baseline_learns_a_linear_map_with_missing_labels():
     resid = predicted - y[500:]
     assert np.nanstd(resid[:, 0]) < 0.25 * np.std(y[:, 0])
     assert np.nanstd(resid[:, 1]) < 0.25 * np.nanstd(y[:, 1])
+
+
+def test_simulate_once_reuses_what_an_earlier_run_left(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_simulate(out, **options):
+        calls.append(options)
+        out.mkdir(parents=True, exist_ok=True)
+        made = {"n": options["n"], "seed": options["seed"]}
+        (out / f"simulation-{options['release']}.json").write_text(json.dumps(made))
+        return "simulated"
+
+    monkeypatch.setattr(ev, "simulate_release", fake_simulate)
+    options = dict(n=100, seed=7, release="X", anomaly_fraction=0.0)
+    assert ev.simulate_once(tmp_path / "a", **options) == "simulated"
+    assert ev.simulate_once(tmp_path / "a", **options).startswith("reused")
+    assert ev.simulate_once(tmp_path / "a", **{**options, "n": 200}) == "simulated"
+    assert len(calls) == 2
+    # n = 0 with a real XP split: the record says how many stars that made
+    real = dict(n=0, seed=8, release="R", anomaly_fraction=0.0, real_xp_split="test")
+    (tmp_path / "r").mkdir()
+    made = {"n": 4982, "seed": 8, "real_xp_split": "test"}
+    (tmp_path / "r" / "simulation-R.json").write_text(json.dumps(made))
+    assert ev.simulate_once(tmp_path / "r", **real).startswith("reused")
+    assert ev.simulate_once(tmp_path / "r", **{**real, "real_xp_split": "val"}) == "simulated"

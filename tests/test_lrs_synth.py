@@ -11,12 +11,13 @@ VAC = lrs_synth.air_to_vacuum
 
 
 def noiseless(rng_seed=0, **labels):
+    """The physics alone: noiseless spectra divided by the true pseudo-continuum."""
     n = max(np.size(v) for v in labels.values())
     labels = {
         k: np.broadcast_to(np.asarray(v, dtype=float), (n,)).copy() for k, v in labels.items()
     }
     _, _, clean = lrs_synth.synthesize_lrs(
-        labels, np.random.default_rng(rng_seed), return_noiseless=True
+        labels, np.random.default_rng(rng_seed), normalisation="true", return_noiseless=True
     )
     return clean
 

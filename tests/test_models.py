@@ -389,6 +389,30 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, variant):
     assert loaded.label_heads["xp"].fitted and not loaded.label_heads["lrs"].fitted
 
 
+def test_half_weights_are_half_the_file_and_load_as_float32(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("specclip", "small", variant="pr").eval()
+    model.label_heads["xp"].set_scaler([5000.0, 3.0, 0.0, 0.0], [500.0, 1.0, 0.3, 0.1])
+    save_model(model, tmp_path / "full")
+    save_model(model, tmp_path / "half", half=True)
+    size = {
+        name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("full", "half")
+    }
+    assert 0.45 < size["half"] / size["full"] < 0.55
+    loaded = load_model(tmp_path / "half")
+    assert all(
+        v.dtype == torch.float32 for v in loaded.state_dict().values() if v.is_floating_point()
+    )
+    # the small tensors (scalers, biases, temperature) are exact; the matrices within float16
+    small = {k: v for k, v in model.state_dict().items() if v.numel() < 4096}
+    for name, value in small.items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    x, xstats = xp_batch(8)
+    with torch.no_grad():
+        a, b = model.xp_features(x, xstats), loaded.xp_features(x, xstats)
+    assert torch.allclose(a, b, rtol=0.02, atol=0.02) and not torch.equal(a, b)
+
+
 def test_encoder_save_load(tmp_path):
     encoder = build_model("specformer", "small")
     save_model(encoder, tmp_path / "enc")

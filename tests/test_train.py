@@ -126,3 +126,36 @@ def test_resume_continues_where_it_stopped(tmp_path, shards):
     resumed = load_model(tmp_path / "cut").state_dict()
     for name, value in full.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_warm_start_from_a_specclip_model(tmp_path, shards):
+    from specsearch.errors import SpecsearchError
+    from specsearch.models.factory import build_model, save_model
+
+    torch.manual_seed(0)
+    start = build_model("specclip", TINY, variant="pr")
+    save_model(start, tmp_path / "start", {})
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.0, warmup_fraction=0.0, weight_decay=0.0)
+    quiet = lambda s: None  # noqa: E731
+    # lr 0: the encoder pre-trained from the model's own XP encoder is that encoder
+    pretrain("xp", [shards], tmp_path / "xp", TINY, cfg, "cpu", log=quiet, init=tmp_path / "start")
+    for name, value in start.xp_encoder.state_dict().items():
+        torch.testing.assert_close(load_model(tmp_path / "xp").state_dict()[name], value)
+    save_model(start.lrs_encoder, tmp_path / "lrs", {})
+    align(
+        [shards],
+        tmp_path / "lrs",
+        tmp_path / "xp",
+        tmp_path / "clip",
+        "pr",
+        TINY,
+        cfg,
+        device="cpu",
+        log=quiet,
+        init=tmp_path / "start",
+    )
+    aligned = dict(load_model(tmp_path / "clip").named_parameters())
+    for name, value in start.named_parameters():  # heads and decoders start from the model's
+        torch.testing.assert_close(aligned[name], value)  # (BatchNorm statistics move at lr 0)
+    with pytest.raises(SpecsearchError, match="does not match"):
+        pretrain("lrs", [shards], tmp_path / "bad", "small", cfg, "cpu", init=tmp_path / "start")

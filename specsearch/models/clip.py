@@ -263,24 +263,25 @@ class SpecCLIPModel(nn.Module):
 
     # --- encoders -----------------------------------------------------------------------------
 
-    def freeze_encoders(self) -> None:
-        for encoder in (self.lrs_encoder, self.xp_encoder):
-            encoder.requires_grad_(False)
-            encoder.eval()
-        self._encoders_frozen = True
+    def freeze_encoders(self, lrs: bool = True, xp: bool = True) -> None:
+        """Freeze the chosen encoders (no gradient, eval mode); the others train with the heads."""
+        self._frozen = {"lrs": lrs, "xp": xp}
+        for name, encoder in (("lrs", self.lrs_encoder), ("xp", self.xp_encoder)):
+            encoder.requires_grad_(not self._frozen[name])
+        self.train(self.training)
 
     def unfreeze_encoders(self) -> None:
         """Let the encoders train with the heads (end-to-end fine-tuning)."""
-        self.lrs_encoder.requires_grad_(True)
-        self.xp_encoder.requires_grad_(True)
-        self._encoders_frozen = False
-        self.train(self.training)
+        self.freeze_encoders(lrs=False, xp=False)
+
+    def _is_frozen(self, modality: str) -> bool:
+        return getattr(self, "_frozen", {}).get(modality, False)
 
     def train(self, mode: bool = True) -> SpecCLIPModel:
         super().train(mode)
-        if getattr(self, "_encoders_frozen", False):
-            self.lrs_encoder.eval()
-            self.xp_encoder.eval()
+        for name, encoder in (("lrs", self.lrs_encoder), ("xp", self.xp_encoder)):
+            if self._is_frozen(name):
+                encoder.eval()
         return self
 
     def load_encoders(
@@ -300,20 +301,23 @@ class SpecCLIPModel(nn.Module):
     # --- features and embeddings --------------------------------------------------------------
 
     def lrs_features(
-        self, lrs_z: torch.Tensor, lrs_stats: torch.Tensor, lrs_ivar: torch.Tensor | None = None
+        self,
+        lrs_z: torch.Tensor,
+        lrs_stats: torch.Tensor,
+        lrs_ivar: torch.Tensor | None = None,
+        lrs_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LRS model input -> head output (n, embed_dim); see `specsearch.grids.lrs_model_input`."""
-        with torch.set_grad_enabled(
-            torch.is_grad_enabled() and not getattr(self, "_encoders_frozen", False)
-        ):
-            tokens = self.lrs_encoder(lrs_z, lrs_stats, lrs_ivar)
-        return self.lrs_head(tokens)
+        """LRS model input -> head output (n, embed_dim); see `specsearch.grids.lrs_model_input`.
+
+        lrs_tokens: the frozen encoder's output for these spectra, when already computed."""
+        if lrs_tokens is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self._is_frozen("lrs")):
+                lrs_tokens = self.lrs_encoder(lrs_z, lrs_stats, lrs_ivar)
+        return self.lrs_head(lrs_tokens.float())
 
     def xp_features(self, xp_x: torch.Tensor, xp_stats: torch.Tensor) -> torch.Tensor:
         """XP model input -> head output (n, embed_dim); see `specsearch.grids.xp_model_input`."""
-        with torch.set_grad_enabled(
-            torch.is_grad_enabled() and not getattr(self, "_encoders_frozen", False)
-        ):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._is_frozen("xp")):
             encoded = self.xp_encoder(xp_x, xp_stats)
         return self.xp_head(encoded)
 
@@ -351,14 +355,15 @@ class SpecCLIPModel(nn.Module):
         xp_x: torch.Tensor,
         xp_stats: torch.Tensor,
         lrs_ivar: torch.Tensor | None = None,
+        lrs_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The CLIP-stage loss for a batch of paired stars.
+        """The CLIP-stage loss for a batch of paired stars (``lrs_tokens``: see `lrs_features`).
 
         Returns {"loss", "clip", and for pr/split "recon_lrs", "recon_xp", "cross_lrs", "cross_xp"}:
         loss = clip + recon_weight * (recon_lrs + recon_xp) + cross_weight * (cross_lrs + cross_xp),
         each reconstruction term an L1 over good pixels (ivar > 0 for the LRS when given).
         """
-        lrs_features = self.lrs_features(lrs_z, lrs_stats, lrs_ivar)
+        lrs_features = self.lrs_features(lrs_z, lrs_stats, lrs_ivar, lrs_tokens)
         xp_features = self.xp_features(xp_x, xp_stats)
         terms = {
             "clip": self.clip_loss(

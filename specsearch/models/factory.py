@@ -96,12 +96,29 @@ def _write_json(path: Path, data: dict) -> None:
     )
 
 
-def save_model(model: nn.Module, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors, config.json and card.json into ``directory`` (created)."""
+HALF_MIN_SIZE = 4096  # save_model(half=True) stores tensors at least this large as float16
+
+
+def save_model(
+    model: nn.Module,
+    directory: str | Path,
+    card: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write model.safetensors, config.json and card.json into ``directory`` (created).
+
+    half: store every floating tensor of at least `HALF_MIN_SIZE` values (the weight matrices)
+    as float16, the rest (biases, norms, label scalers, temperature) as float32: half the file,
+    for a shipped model; `load_model` reads either into float32."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kind = canonical_kind(model.kind)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {
+            k: v.half() if v.is_floating_point() and v.numel() >= HALF_MIN_SIZE else v
+            for k, v in state.items()
+        }
     _atomic_write_bytes(
         directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"kind": kind})
     )

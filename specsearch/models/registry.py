@@ -18,7 +18,7 @@ from .configs import config_to_dict
 from .factory import CONFIG_FILE, read_card, read_model_config
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL_ID = "specclip-small-v1"  # what train/recipe.py builds
+DEFAULT_MODEL_ID = "specclip-small-v2"  # what train/recipe.py builds (v1 stays loadable by id)
 
 
 def user_models_dir() -> Path:

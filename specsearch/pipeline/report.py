@@ -351,8 +351,15 @@ def _page(page: _Page, figures: dict[str, str], counts: dict[str, Counter]) -> s
         page.command,
     )
     columns = ["rank", "source_id", "score", "driver", "modality_tag", "windows"]
-    marked = table.filter(pc.is_valid(table.column("mark"))).num_rows > 0 or any(
-        table.column("triage").to_pylist()
+    # triage changed this page: a row carries a mark or a reason, or marks pushed stars out of it
+    ranks = table.column("rank").to_pylist()
+    marked = (
+        table.filter(pc.is_valid(table.column("mark"))).num_rows > 0
+        or any(table.column("triage").to_pylist())
+        or (
+            "adjusted_rank" in table.column_names
+            and ranks != table.column("adjusted_rank").to_pylist()
+        )
     )
     top_columns = (
         ["adjusted_rank", "rank", "source_id", "score", "adjusted_score", "mark", "triage"]

@@ -1,8 +1,9 @@
 """One way to write a result: table (rich), csv, json or parquet, to a file or a text stream.
 
 `emit_relation` streams a DuckDB relation (the result of `specsearch sql`); `emit_table` sends an
-Arrow table (search results, labels) through the same code. Nothing here writes to the terminal
-on its own: the caller passes the stream (the CLI passes stdout).
+Arrow table (search results, labels) through the same code, which reads either as Arrow record
+batches (so a search never loads DuckDB). Nothing here writes to the terminal on its own: the
+caller passes the stream (the CLI passes stdout).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SpecsearchError
 from ..files import atomic_path
+
+if TYPE_CHECKING:
+    import duckdb
 
 FORMATS = ("table", "csv", "json", "parquet")
 MAX_TABLE_ROWS = 1000
@@ -35,8 +38,7 @@ def emit_table(
     stream: TextIO | None = None,
 ) -> int:
     """Write ``table`` to ``output`` or ``stream`` in one of FORMATS. Returns rows."""
-    con = duckdb.connect()
-    return emit_relation(con.from_arrow(table), fmt, output, title=title, stream=stream)
+    return _emit(table, fmt, output, title, stream)
 
 
 def emit_relation(
@@ -49,25 +51,32 @@ def emit_relation(
     """Stream a relation out, to the file ``output`` (written atomically) or else to the text
     ``stream``. table: a rich table (first MAX_TABLE_ROWS rows); csv, json; parquet: files only.
     Returns the number of rows."""
+    import duckdb
+
+    try:
+        return _emit(relation, fmt, output, title, stream)
+    except duckdb.Error as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise SpecsearchError(f"SQL: {lines[0].strip() if lines else type(err).__name__}") from None
+
+
+def _emit(data, fmt: str, output, title: str | None, stream) -> int:
+    """Write a relation or an Arrow table (see ``emit_relation``)."""
     if fmt not in FORMATS:
         raise SpecsearchError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
     if fmt == "parquet" and output is None:
         raise SpecsearchError("--format parquet needs --output FILE")
     if output is None and stream is None:
         raise SpecsearchError("emit: give an output file or a stream")
-    try:
-        if fmt == "table":
-            table, rows = rich_table(relation, title)
-            _print_rich(table, output, stream)
-        elif fmt == "parquet":
-            rows = _write_parquet(relation, Path(output))
-        elif fmt == "csv":
-            rows = _write_text(relation, output, stream, _write_csv)
-        else:
-            rows = _write_text(relation, output, stream, _write_json)
-    except duckdb.Error as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        raise SpecsearchError(f"SQL: {lines[0].strip() if lines else type(err).__name__}") from None
+    if fmt == "table":
+        table, rows = rich_table(data, title)
+        _print_rich(table, output, stream)
+    elif fmt == "parquet":
+        rows = _write_parquet(data, Path(output))
+    elif fmt == "csv":
+        rows = _write_text(data, output, stream, _write_csv)
+    else:
+        rows = _write_text(data, output, stream, _write_json)
     return rows
 
 
@@ -113,27 +122,29 @@ def rows_summary(rows: int, output: str | Path | None = None, fmt: str = "table"
     return text
 
 
-def _write_text(relation, output, stream, writer) -> int:
+def _write_text(data, output, stream, writer) -> int:
     if output is not None:
         with atomic_path(Path(output)) as tmp:
-            return writer(relation, tmp)
+            return writer(data, tmp)
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) / "result"
-        rows = writer(relation, tmp)
+        rows = writer(data, tmp)
         with open(tmp, encoding="utf-8") as f:
             shutil.copyfileobj(f, stream)
     stream.flush()
     return rows
 
 
-def _batches(relation):
-    """The relation as Arrow record batches (written by pyarrow: the query's connection itself
-    may not write files, see ``sql.connect``)."""
-    return relation.to_arrow_reader(batch_size=65_536)
+def _batches(data, batch_size: int = 65_536) -> pa.RecordBatchReader:
+    """A relation or an Arrow table as Arrow record batches (written by pyarrow: the query's
+    connection itself may not write files, see ``sql.connect``)."""
+    if isinstance(data, pa.Table):
+        return data.to_reader(max_chunksize=batch_size)
+    return data.to_arrow_reader(batch_size=batch_size)
 
 
-def _write_parquet(relation, path: Path) -> int:
-    reader = _batches(relation)
+def _write_parquet(data, path: Path) -> int:
+    reader = _batches(data)
     rows = 0
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, reader.schema, compression="zstd") as f:
         for batch in reader:
@@ -142,12 +153,12 @@ def _write_parquet(relation, path: Path) -> int:
     return rows
 
 
-def _write_csv(relation, path: Path) -> int:
+def _write_csv(data, path: Path) -> int:
     """CSV with a header, quoting only where a value needs it; nulls are empty; 32-bit floats
     written as short as they round-trip."""
     import numpy as np
 
-    reader = _batches(relation)
+    reader = _batches(data)
     single = [pa.types.is_float32(f.type) for f in reader.schema]
     rows = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -173,12 +184,12 @@ def _csv_cell(value):
     return value
 
 
-def _write_json(relation, path: Path) -> int:
+def _write_json(data, path: Path) -> int:
     """A JSON array of row objects; NaN and infinities become null."""
     rows = 0
     with open(path, "w", encoding="utf-8") as f:
         f.write("[")
-        for batch in relation.to_arrow_reader(batch_size=10_000):
+        for batch in _batches(data, 10_000):
             for record in batch.to_pylist():
                 f.write(",\n" if rows else "\n")
                 f.write(json.dumps(_finite(record), default=str))
@@ -197,17 +208,19 @@ def _finite(value):
     return value
 
 
-def rich_table(relation, title: str | None = None):
-    """(a rich Table of the relation's first MAX_TABLE_ROWS rows, the relation's row count)."""
+def rich_table(data, title: str | None = None):
+    """(a rich Table of the first MAX_TABLE_ROWS rows of a relation or an Arrow table, its row
+    count)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text  # cells are data, never rich markup
 
     table = Table(title=title, show_header=True, header_style="bold", box=box.SIMPLE_HEAD)
-    for name in relation.columns:
+    reader = _batches(data, 10_000)
+    for name in reader.schema.names:
         table.add_column(Text(name), overflow="fold", no_wrap=name.endswith("id"))
     rows = 0
-    for batch in relation.to_arrow_reader(batch_size=10_000):
+    for batch in reader:
         for record in batch.to_pylist():
             if rows < MAX_TABLE_ROWS:
                 table.add_row(*(Text(_cell(record[name])) for name in batch.schema.names))
@@ -217,7 +230,7 @@ def rich_table(relation, title: str | None = None):
 
 def arrow_rich_table(table: pa.Table, title: str | None = None):
     """A rich Table of an Arrow table (see ``rich_table``)."""
-    return rich_table(duckdb.connect().from_arrow(table), title)[0]
+    return rich_table(table, title)[0]
 
 
 def _print_rich(table, output, stream) -> None:

@@ -573,7 +573,7 @@ class StarLabels:
             k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
             for k, v in labels.items()
             if k not in known
-            and k not in ("companion", "flux_ratio", "snr")
+            and k not in ("companion", "flux_ratio", "snr", "plate_terms")
             and not isinstance(v, dict)
         }
         return cls(
@@ -1185,10 +1185,12 @@ def draw_snr(
 class LRSObservation:
     """One batch of simulated LRS on one grid. Arrays are (n, m) float32 unless noted.
 
-    ``flux``/``ivar``: continuum-normalised flux and its inverse variance (what shards store);
-    ``noiseless``: the same without noise; ``raw_flux``/``raw_ivar``: flux-calibrated relative
-    F_lambda (with calibration errors); ``continuum``: the pseudo-continuum in raw units (with
-    the same calibration errors); ``snr``: (n,) the target g-band S/N; ``rv``: (n,) the applied
+    ``flux``/``ivar``: flux divided by the star's TRUE pseudo-continuum (with the calibration
+    factors that survive it, see `_observe`) and its inverse variance; ``noiseless``: the same
+    without noise; ``raw_flux``/``raw_ivar``: the observation as a LAMOST file holds it
+    (flux-calibrated F_lambda in counts-like units: SED x extinction x residual response x flux
+    scale, with sky residuals and noise); ``continuum``: raw_flux / flux, the true
+    pseudo-continuum in raw units; ``snr``: (n,) the target g-band S/N; ``rv``: (n,) the applied
     (quantised) radial velocity, km/s. Raw arrays are None unless asked for.
     """
 
@@ -1203,6 +1205,42 @@ class LRSObservation:
     continuum: np.ndarray | None = None
 
 
+# residual instrument response after flux calibration, smooth in log lambda (Legendre P1-P3
+# over the full grid): 1-sigma coefficients shared by one plate (one spectrograph's 250 fibres
+# on one pointing) and per fibre on top; and the residual of the dichroic crossover per plate
+PLATE_RESPONSE_SIGMA = (0.08, 0.04, 0.02)
+FIBRE_RESPONSE_SIGMA = (0.02, 0.01, 0.005)
+DICHROIC_RESIDUAL_SIGMA = 0.03
+SKY_SCALE_SIGMA = 0.01  # error of the subtracted sky's scale (a fraction of the whole sky)
+G_MAG_UNIT = 13.0  # a star of this G magnitude has raw flux ~ 1 at its g-band continuum x 1000
+
+
+def draw_plate_terms(n_plates: int, rng: np.random.Generator) -> np.ndarray:
+    """Residual-response terms of ``n_plates`` plates, (n_plates, 4): Legendre P1-P3 coefficients
+    of the log response and the dichroic-crossover residual (see `residual_response`)."""
+    sigma = np.array([*PLATE_RESPONSE_SIGMA, DICHROIC_RESIDUAL_SIGMA])
+    return rng.standard_normal((n_plates, 4)) * sigma
+
+
+def residual_response(
+    wavelength: np.ndarray, plate_terms: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Flux-calibration residual of each star, (n, m) float32 near 1: a smooth response shared by
+    the stars of a plate (``plate_terms`` (n, 4), `draw_plate_terms`, the same row for stars of
+    one plate) plus a smaller one drawn here per fibre (both exp of Legendre P1-P3 in log lambda
+    over the grid), times the plate's residual of the dichroic crossover (~3% at 5800 A)."""
+    plate_terms = np.asarray(plate_terms, dtype=np.float64)
+    n = len(plate_terms)
+    loglam = np.log10(wavelength)
+    x = 2.0 * (loglam - loglam[0]) / (loglam[-1] - loglam[0]) - 1.0
+    legendre = np.polynomial.legendre.legvander(x, 3)[:, 1:].T  # (3, m)
+    fibre = rng.standard_normal((n, 3)) * np.array(FIBRE_RESPONSE_SIGMA)
+    log_response = (plate_terms[:, :3] + fibre) @ legendre
+    crossover = np.exp(-0.5 * ((wavelength - DICHROIC_A) / 70.0) ** 2)
+    response = np.exp(log_response) * (1.0 + plate_terms[:, 3:4] * crossover[None, :])
+    return response.astype(np.float32)
+
+
 def _observe(
     transmission: np.ndarray,
     continuum: np.ndarray,
@@ -1210,15 +1248,21 @@ def _observe(
     basis: Basis,
     rng: np.random.Generator,
     full: bool,
-    want_raw: bool,
+    plate_terms: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Turn a noiseless spectrum into a LAMOST-like observation: returns (flux, ivar, calibration).
 
     Counts of the star per pixel are K x continuum x transmission x throughput; K is set so the
     mean S/N per pixel over the g band equals ``snr`` given the sky and read-noise background.
     Variance = star + sky + read noise + (sky-line residual)^2; the noise drawn has exactly this
-    variance, and ivar = 1 / variance (in normalised units). A tiny random fraction of pixels is
-    flagged bad (ivar 0), as pipeline masks do.
+    variance, and ivar = 1 / variance (in normalised units). The sky is subtracted imperfectly:
+    a scale error of the whole sky (~1%) and 3-10% of each sky line are left in the flux. A tiny
+    random fraction of pixels is flagged bad (ivar 0), as pipeline masks do.
+
+    On the full grid, ``calibration`` is what flux calibration leaves: the residual response of
+    the star's plate and fibre (`residual_response`), which the raw flux carries and a continuum
+    fit removes, and a small step where the two arms are stitched (this one is in ``flux`` too:
+    it survives normalisation, as stitching artefacts do in real LAMOST spectra).
     """
     n, m = transmission.shape
     sky_level = 40.0 * np.exp(
@@ -1245,6 +1289,12 @@ def _observe(
         variance[:, basis.dichroic_pixels] *= basis.dichroic_noise[basis.dichroic_pixels]
     noise = standard_normal_f32(rng, (n, m))
     noise *= np.sqrt(variance)
+    # what sky subtraction leaves: a scale error of the whole sky, and part of each line with
+    # either sign (over- or under-subtracted)
+    sky_scale = (SKY_SCALE_SIGMA * rng.standard_normal(n) * sky_level).astype(np.float32)
+    line_left = (residual * sky_level * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+    noise += np.outer(sky_scale, basis.sky)
+    noise[:, lines] += np.outer(line_left, basis.sky_lines[lines])
     noise /= continuum_counts
     flux = noise
     flux += transmission
@@ -1256,11 +1306,7 @@ def _observe(
 
     calibration = None
     if full:
-        # flux-calibration errors: a smooth per-star tilt/curvature (cancels in the normalised
-        # flux) and a step where the arms are stitched (does not cancel: a real artefact)
         lam = basis.wavelength[None, :]
-        x = (lam - 6400.0) / 2700.0
-        c1, c2 = 0.05 * rng.standard_normal((2, n, 1))
         step = 0.02 * rng.standard_normal((n, 1))
         glitch = (
             1.0
@@ -1268,17 +1314,16 @@ def _observe(
             * np.tanh((lam - DICHROIC_A) / 15.0)
             * np.exp(-0.5 * ((lam - DICHROIC_A) / 60.0) ** 2)
         ).astype(np.float32)
-        calibration = (1.0 + c1 * x + c2 * x**2).astype(np.float32)
+        if plate_terms is None:  # one plate for the whole batch
+            plate_terms = np.repeat(draw_plate_terms(1, rng), n, axis=0)
+        calibration = residual_response(basis.wavelength, plate_terms, rng)
         flux *= glitch
         ivar /= glitch**2
-    elif want_raw:
-        calibration = np.ones((1, m), dtype=np.float32)
     return flux, ivar, calibration
 
 
-def _render(
-    labels: dict[str, np.ndarray], rng: np.random.Generator, which: str, want_raw: bool = False
-) -> LRSObservation:
+def _render(labels: dict[str, np.ndarray], rng: np.random.Generator, which: str) -> LRSObservation:
+    """Simulate a batch on the "canonical" or the "full" grid (the raw observation: full only)."""
     basis = _basis(which)
     stars = StarLabels.from_dict(labels)
     snr = labels.get("snr")
@@ -1307,11 +1352,17 @@ def _render(
             continuum[rows] = total
     noiseless = transmission.copy()
     flux, ivar, calibration = _observe(
-        transmission, continuum, snr, basis, rng, which == "full", want_raw
+        transmission, continuum, snr, basis, rng, which == "full", labels.get("plate_terms")
     )
     obs = LRSObservation(basis.wavelength, flux, ivar, noiseless, snr, quantised_rv(stars.rv))
     if calibration is not None:
-        raw_scale = continuum * calibration
+        # counts-like units: ~1000 at the g-band continuum of a G = 13 star, fainter ones less
+        g_mag = np.nan_to_num(
+            np.broadcast_to(np.asarray(labels.get("g_mag", G_MAG_UNIT), float), (stars.n,)),
+            nan=G_MAG_UNIT,
+        )
+        flux_unit = (1000.0 * 10.0 ** (-0.4 * (g_mag - G_MAG_UNIT))).astype(np.float32)
+        raw_scale = continuum * calibration * flux_unit[:, None]
         obs.raw_flux = flux * raw_scale
         obs.raw_ivar = ivar / raw_scale**2
         obs.continuum = raw_scale
@@ -1326,18 +1377,21 @@ def simulate_lrs(
     labels: dict[str, np.ndarray], rng: np.random.Generator, grid: str = "canonical"
 ) -> LRSObservation:
     """Everything about one batch of simulated LRS on the "canonical" or the "full" grid: the
-    normalised flux and ivar, the noiseless spectrum, the applied (quantised) RV and, on the full
-    grid, the raw flux-calibrated spectrum. Labels as in :func:`synthesize_lrs`."""
+    flux normalised by the true continuum and its ivar, the noiseless spectrum, the applied
+    (quantised) RV and, on the full grid, the raw observation. Labels as in :func:`synthesize_lrs`,
+    plus ``plate_terms`` ((n, 4), `draw_plate_terms`: stars with the same row share their
+    plate's residual response; default one plate for the batch) and ``g_mag`` (the raw flux
+    scale)."""
     if grid not in ("canonical", "full"):
         raise ValueError(f"grid must be 'canonical' or 'full', not {grid!r}")
-    return _render(labels, rng, grid, want_raw=grid == "full")
+    return _render(labels, rng, grid)
 
 
 def synthesize_lrs(
     labels: dict[str, np.ndarray],
     rng: np.random.Generator,
     *,
-    normalisation: str = "true",
+    normalisation: str = "fit",
     return_noiseless: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Simulated LAMOST LRS on the canonical grid, continuum-normalised.
@@ -1348,22 +1402,32 @@ def synthesize_lrs(
     ``em_halpha``/``em_oiii`` (emission EW, A), ``c2``/``cn_scale``/``tio_scale``/``ch_scale``
     (molecular bands), ``companion`` (a labels dict) with ``flux_ratio`` (g band) for binaries.
     NaN labels take the defaults.
-    normalisation: "true" divides by the known pseudo-continuum; "fit" runs grids.normalise_lrs.
-    Returns (flux, ivar) float32 (n, 1462), plus the noiseless flux when ``return_noiseless``.
+    normalisation: "fit" (default) simulates the raw observation on LAMOST's full grid and
+    normalises it with `grids.canonical_lrs`, exactly as a shard row or an ingested LAMOST file
+    is made; "true" divides the canonical grid by the known pseudo-continuum (the physics alone,
+    ~5x faster). Returns (flux, ivar) float32 (n, 1462), plus the noiseless flux (normalised the
+    same way) when ``return_noiseless``.
     """
-    obs = _render(labels, rng, "canonical", want_raw=normalisation == "fit")
-    flux, ivar = obs.flux, obs.ivar
-    if normalisation == "fit":
-        flux, ivar = grids.normalise_lrs(obs.raw_flux, obs.raw_ivar)
-    elif normalisation != "true":
+    if normalisation == "true":
+        obs = _render(labels, rng, "canonical")
+        flux, ivar, noiseless = obs.flux, obs.ivar, obs.noiseless
+    elif normalisation == "fit":
+        obs = _render(labels, rng, "full")
+        flux, ivar, continuum = grids.canonical_lrs(
+            FULL_WAVELENGTH, obs.raw_flux, obs.raw_ivar, with_continuum=True
+        )
+        noiseless = (canonical_from_full(obs.noiseless * obs.continuum) / continuum).astype(
+            np.float32
+        )
+    else:
         raise ValueError(f"normalisation must be 'true' or 'fit', not {normalisation!r}")
-    return (flux, ivar, obs.noiseless) if return_noiseless else (flux, ivar)
+    return (flux, ivar, noiseless) if return_noiseless else (flux, ivar)
 
 
 def synthesize_lrs_full(labels: dict[str, np.ndarray], rng: np.random.Generator) -> LRSObservation:
-    """The same model on LAMOST's full 3700-9100 A grid (FULL_WAVELENGTH), with raw flux,
-    telluric bands, the dichroic and flux-calibration errors: for plots and raw-file fixtures."""
-    return _render(labels, rng, "full", want_raw=True)
+    """The same model on LAMOST's full 3700-9100 A grid (FULL_WAVELENGTH), with the raw
+    observation (`LRSObservation.raw_flux`): for plots and raw-file fixtures."""
+    return _render(labels, rng, "full")
 
 
 def canonical_from_full(array: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ import functools
 import json
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import zlib
@@ -47,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
@@ -54,7 +57,7 @@ from .. import grids
 from ..errors import SpecsearchError
 from ..files import ROW_GROUP_SIZE, ROWS_PER_FILE, PartWriter, atomic_path, write_json_atomic
 from ..progress import progress
-from ..schema import LABELS, TRUTH_SCHEMA, check_release, make_shard_table
+from ..schema import LABELS, TRUTH_SCHEMA, check_release, column_matrix, make_shard_table
 from . import lrs_synth
 
 ANOMALY_CLASSES = (
@@ -69,6 +72,7 @@ ANOMALY_CLASSES = (
 )
 NORMAL = "normal"
 CHUNK_SIZE = 5000
+PLATE_SIZE = 250  # stars of one spectrograph on one plate: they share a residual response
 XP_LOWEST_FE_H = -2.5  # the XP emulator's training range ends here
 XP_BP_RP_SPLIT_NM = 640.0  # BP covers the sampled grid below, RP above
 _ID_MULTIPLIER = 2654435761  # odd and not a multiple of 3: a bijection modulo 12 * 4**12
@@ -105,6 +109,24 @@ def synthetic_obsids(index: np.ndarray, release: str, seed: int) -> np.ndarray:
     """LAMOST-like obsids, unique within a release: 10^9 x (1 + a release/seed tag) + index."""
     tag = 1 + zlib.crc32(f"{release}:{seed}".encode()) % 9000
     return tag * 1_000_000_000 + np.asarray(index, dtype=np.int64)
+
+
+def plate_terms(plate: np.ndarray, seed: int, release: str) -> np.ndarray:
+    """Residual-response terms (`lrs_synth.draw_plate_terms`) of each star's plate, (n, 4).
+
+    Plate p draws from its own stream SeedSequence([seed, crc32(release)], spawn_key=(2, p)),
+    so a plate's stars share its response whichever chunks they fall in."""
+    plates, which = np.unique(np.asarray(plate, dtype=np.int64), return_inverse=True)
+    entropy = release_entropy(seed, release)
+    terms = np.concatenate(
+        [
+            lrs_synth.draw_plate_terms(
+                1, np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(2, int(p))))
+            )
+            for p in plates  # ~20 plates a chunk
+        ]
+    )
+    return terms[which]
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,19 +276,23 @@ def apply_dead_fibre(
         ivar[start : start + length] = 0.0
 
 
-def apply_flux_tilt(
-    flux: np.ndarray, ivar: np.ndarray, slope: np.ndarray, curvature: np.ndarray
+def apply_calibration_break(
+    wavelength: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    step: np.ndarray,
+    break_a: np.ndarray,
+    width_a: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multiply normalised LRS (n, 1462) by 1 + slope x + curvature (x^2 - 1/3), x = -1..1 over
-    the grid; ivar scales by the factor^-2 (the noise is tilted with the flux).
+    """The ``flux_tilt`` anomaly: raw LRS (n, m) on ``wavelength`` (A) times
+    1 + step tanh((lambda - break) / width), a flux calibration that tilts the spectrum by
+    2 x step over ~width A around ``break_a``; ivar scales by the factor^-2.
 
-    Applied AFTER continuum normalisation on purpose: a smooth tilt of the raw flux would be
-    removed by any continuum fit, so the anomaly models a calibration or normalisation failure
-    that survives into the normalised spectrum, which is what a user of the shards would see."""
-    x = np.linspace(-1.0, 1.0, grids.N_LRS)[None, :]
-    factor = (
-        1.0 + np.asarray(slope)[:, None] * x + np.asarray(curvature)[:, None] * (x**2 - 1.0 / 3.0)
-    ).astype(np.float32)
+    A smooth tilt of the raw flux is removed by the continuum fit (that is what the fit is for),
+    so the calibration failure that can reach a user of the normalised spectra is one too sharp
+    for a smooth continuum to follow: this one (~2 step survives as a step)."""
+    arg = (wavelength[None, :] - np.asarray(break_a)[:, None]) / np.asarray(width_a)[:, None]
+    factor = (1.0 + np.asarray(step)[:, None] * np.tanh(arg)).astype(np.float32)
     return flux * factor, ivar / factor**2
 
 
@@ -305,6 +331,16 @@ def binary_xp_flux(
 
 # --------------------------------------------------------------------------------------------
 # one chunk
+
+
+@dataclass
+class RawLRS:
+    """The raw LRS of a chunk's rows, as their LAMOST files hold them: full grid
+    (`lrs_synth.FULL_WAVELENGTH`), float32 (n, 3909); ``index``: the rows' numbers in the release."""
+
+    index: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
 
 
 @dataclass
@@ -442,8 +478,12 @@ def simulate_chunk(
     emulator,
     rng: np.random.Generator,
     executor: ThreadPoolExecutor | None = None,
-) -> tuple[pa.Table, pa.Table]:
-    """Simulate the rows of one chunk: returns (shard table, truth table)."""
+) -> tuple[pa.Table, pa.Table, RawLRS]:
+    """Simulate the rows of one chunk: returns (shard table, truth table, raw LRS).
+
+    The LRS is observed raw on LAMOST's full grid and becomes the shard's ``lrs_flux`` through
+    `grids.canonical_lrs`, the path a LAMOST FITS file takes through ``ingest``; the raw arrays
+    come back too (what ``simulate --as-files`` writes into the FITS files)."""
     n = len(chunk.index)
     cls = chunk.classes
     real = chunk.real_row >= 0
@@ -537,22 +577,25 @@ def simulate_chunk(
     xp_job = executor.submit(_simulate_xp, *xp_args) if executor is not None else None
     xp_result = _simulate_xp(*xp_args) if executor is None else None
 
-    # --- LRS (every row)
-    lrs_labels = {k: truth[k] for k in ("teff", "logg", "fe_h", "alpha_m", "a_v", "rv")}
+    # --- LRS (every row): raw on the full grid, then the ingest path
+    lrs_labels = {k: truth[k] for k in ("teff", "logg", "fe_h", "alpha_m", "a_v", "rv", "g_mag")}
     lrs_labels["snr"] = truth["snr_g"]
     lrs_labels.update(lrs_extra)
     if bi.size:
         lrs_labels["companion"] = companion_full
         lrs_labels["flux_ratio"] = flux_ratio
-    obs = lrs_synth.simulate_lrs(lrs_labels, rng)
-    lrs_flux, lrs_ivar = obs.flux, obs.ivar
+    plate = chunk.index // PLATE_SIZE
+    lrs_labels["plate_terms"] = plate_terms(plate, seed, release)
+    obs = lrs_synth.simulate_lrs(lrs_labels, rng, grid="full")
+    raw_flux, raw_ivar = obs.raw_flux, obs.raw_ivar
     truth["rv"] = obs.rv
 
+    offset = lrs_synth.CANONICAL_OFFSET  # canonical pixel k is full-grid pixel offset + k
     for i in rows_of("dead_fibre"):  # a handful of rows: a loop is fine
         length = int(rng.integers(60, 500))
         start = int(rng.integers(0, grids.N_LRS - length))
         mode = "zero_ivar" if rng.random() < 0.5 else "zero_flux_wrong_ivar"
-        apply_dead_fibre(lrs_flux[i], lrs_ivar[i], start, length, mode)
+        apply_dead_fibre(raw_flux[i], raw_ivar[i], offset + start, length, mode)
         params[i] = {
             "start_A": round(float(grids.LRS_WAVELENGTH[start]), 2),
             "end_A": round(float(grids.LRS_WAVELENGTH[start + length - 1]), 2),
@@ -561,15 +604,20 @@ def simulate_chunk(
         }
     ft = rows_of("flux_tilt")
     if ft.size:
-        slope = rng.uniform(0.15, 0.4, ft.size) * rng.choice([-1.0, 1.0], ft.size)
-        curve = rng.uniform(-0.15, 0.15, ft.size)
-        lrs_flux[ft], lrs_ivar[ft] = apply_flux_tilt(lrs_flux[ft], lrs_ivar[ft], slope, curve)
+        step = rng.uniform(0.1, 0.3, ft.size) * rng.choice([-1.0, 1.0], ft.size)
+        where = rng.uniform(4300.0, 5300.0, ft.size)
+        width = rng.uniform(20.0, 80.0, ft.size)
+        raw_flux[ft], raw_ivar[ft] = apply_calibration_break(
+            lrs_synth.FULL_WAVELENGTH, raw_flux[ft], raw_ivar[ft], step, where, width
+        )
         for k, i in enumerate(ft):
             params[i] = {
-                "slope": round(float(slope[k]), 4),
-                "curvature": round(float(curve[k]), 4),
-                "applied_to": "normalised flux (x runs -1..1 over 3999.5-5598.4 A)",
+                "step": round(float(step[k]), 4),
+                "break_A": round(float(where[k]), 1),
+                "width_A": round(float(width[k]), 1),
+                "applied_to": "raw flux: x (1 + step tanh((lambda - break_A) / width_A))",
             }
+    lrs_flux, lrs_ivar = grids.canonical_lrs(lrs_synth.FULL_WAVELENGTH, raw_flux, raw_ivar)
 
     xp_flux, error, xp_source = xp_job.result() if xp_job is not None else xp_result
 
@@ -641,7 +689,7 @@ def simulate_chunk(
         },
     )
     truth_rows = _truth_table(source_id, cls, truth, xp_source, params, release)
-    return shards, truth_rows
+    return shards, truth_rows, RawLRS(chunk.index, raw_flux, raw_ivar)
 
 
 def _json_numbers(values: np.ndarray) -> list[str]:
@@ -675,31 +723,126 @@ def _truth_table(source_id, cls, truth, xp_source, params, release) -> pa.Table:
 # writing, in a background thread so compression overlaps with simulation
 
 
-class _ShardWriter:
-    """Shard part files (``store.PartWriter``) and the truth table, each written atomically."""
+def write_survey_files(files_dir: Path, shards: pa.Table, raw: RawLRS) -> list[Path]:
+    """A chunk's stars as the surveys deliver them, under ``files_dir``:
+
+    - ``lamost/plate-PPPPP/spec-OBSID.fits``: one LAMOST LRS FITS file per star with its raw
+      observation on the full grid (float32, COEFF0/COEFF1 = LAMOST's log-linear grid), in the
+      image layout for even row numbers and the table layout for odd ones; header OBSID,
+      GAIA_SOURCE_ID, PLATE, FIBERID, SNRG (target g-band S/N), Z (v/c of the applied RV);
+      bad pixels (ivar 0) also carry ANDMASK bit 1;
+    - ``gaia_xp/XP_SAMPLED-NNNNNNNN.csv.gz``: the chunk's XP spectra as the archive's XP_SAMPLED
+      product (`gaia_xp.write_xp_sampled`), NNNNNNNN the chunk's first row number.
+
+    Ingesting these files gives the shard rows of the same stars: the FITS arrays are exactly
+    what `grids.canonical_lrs` turned into the shard's LRS, and the XP text reads back to the
+    same float32. Returns the paths written.
+    """
+    from ..surveys.gaia_xp import write_xp_sampled
+    from ..surveys.lamost import write_lamost_fits
+
+    source_id = shards.column("source_id").to_numpy()
+    obsid = shards.column("obsid").to_numpy()
+    snr = shards.column("lrs_snr_g").to_numpy()
+    rv = shards.column("lrs_rv").to_numpy()
+    written = []
+    for k, index in enumerate(raw.index.tolist()):  # one file per star: the loop is the writing
+        plate, fibre = divmod(index, PLATE_SIZE)
+        header = {
+            "OBSID": int(obsid[k]),
+            "GAIA_SOURCE_ID": int(source_id[k]),
+            "PLATE": plate,
+            "FIBERID": fibre + 1,
+            "SNRG": round(float(snr[k]), 2),
+            "Z": float(rv[k]) / lrs_synth.C_KMS,
+            "COEFF0": lrs_synth.FULL_LOGLAM_START,
+            "COEFF1": grids.LRS_LOGLAM_STEP,
+            "ORIGIN": "specsearch simulator: SIMULATED spectrum",
+        }
+        path = files_dir / "lamost" / f"plate-{plate:05d}" / f"spec-{int(obsid[k])}.fits"
+        written.append(
+            write_lamost_fits(
+                path,
+                lrs_synth.FULL_WAVELENGTH,
+                raw.flux[k],
+                raw.ivar[k],
+                layout="image" if index % 2 == 0 else "table",
+                header=header,
+                andmask=(raw.ivar[k] == 0).astype(np.int32),
+            )
+        )
+    xp_path = files_dir / "gaia_xp" / f"XP_SAMPLED-{int(raw.index[0]):08d}.csv.gz"
+    written.append(
+        write_xp_sampled(
+            xp_path,
+            source_id,
+            column_matrix(shards, "xp_flux"),
+            column_matrix(shards, "xp_flux_error"),
+        )
+    )
+    return written
+
+
+class _ReleaseWriter:
+    """Where a simulated release goes: canonical shard part files (``files.PartWriter``) or,
+    ``as_files``, the survey files (`write_survey_files`) in a hidden folder renamed into place
+    on ``close``; and the truth table. Every file is written atomically."""
 
     def __init__(
-        self, shard_dir: Path, truth_path: Path, rows_per_file: int, keep_truth: pa.Table | None
+        self,
+        out: Path,
+        release: str,
+        rows_per_file: int,
+        keep_truth: pa.Table | None,
+        as_files: bool,
     ):
-        self.parts = PartWriter(shard_dir, rows_per_file, ROW_GROUP_SIZE)
+        self.shard_dir = out / "shards" / f"release={release}"
+        self.files_dir = out / "files" / f"release={release}"
+        self.as_files = as_files
+        self.parts = None
+        self.staging = None
+        if as_files:
+            self.files_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".release={release}.", dir=out / "files"))
+            self.written: list[Path] = []
+        else:
+            self.parts = PartWriter(self.shard_dir, rows_per_file, ROW_GROUP_SIZE)
         self.truth_stack = contextlib.ExitStack()
-        tmp = self.truth_stack.enter_context(atomic_path(truth_path))
+        tmp = self.truth_stack.enter_context(atomic_path(out / "truth.parquet"))
         self.truth_writer = pq.ParquetWriter(tmp, TRUTH_SCHEMA, compression="zstd")
         if keep_truth is not None and keep_truth.num_rows:
             self.truth_writer.write_table(keep_truth)
 
-    def write(self, shards: pa.Table, truth: pa.Table) -> None:
-        self.parts.write(shards)
+    def write(self, shards: pa.Table, truth: pa.Table, raw: RawLRS) -> None:
+        if self.parts is not None:
+            self.parts.write(shards)
+        else:
+            self.written += write_survey_files(self.staging, shards, raw)
         self.truth_writer.write_table(truth)
 
     def close(self) -> list[Path]:
-        files = self.parts.close()
+        """Finish every file; the release's other output (old parts, the other mode) goes."""
+        if self.parts is not None:
+            files = self.parts.close()
+            keep = {p.name for p in files}
+            for old in self.shard_dir.glob("part-*.parquet"):
+                if old.name not in keep:
+                    old.unlink()
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+        else:
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+            os.replace(self.staging, self.files_dir)
+            files = [self.files_dir / p.relative_to(self.staging) for p in self.written]
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
         self.truth_writer.close()
         self.truth_stack.close()
         return files
 
     def abort(self) -> None:
-        self.parts.abort()
+        if self.parts is not None:
+            self.parts.abort()
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
         with contextlib.suppress(Exception):
             self.truth_writer.close()
         with contextlib.suppress(Exception):
@@ -719,21 +862,15 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _truth_to_keep(out: Path, shard_dir: Path) -> pa.Table | None:
-    """Existing truth rows of OTHER releases (rows of this release's old shards are dropped)."""
+def _truth_to_keep(out: Path, release: str) -> pa.Table | None:
+    """Existing truth rows of OTHER releases (`_truth_table` starts each row's parameters with
+    its release)."""
     path = out / "truth.parquet"
     if not path.exists():
         return None
     old = pq.read_table(path)
-    stale = [
-        pq.read_table(p, columns=["source_id"]).column(0)
-        for p in sorted(shard_dir.glob("part-*.parquet"))
-    ]
-    if not stale:
-        return old
-    ids = pa.chunked_array(stale).combine_chunks().to_numpy()
-    keep = ~np.isin(old.column("source_id").to_numpy(), ids)
-    return old.filter(pa.array(keep))
+    mine = pc.starts_with(old.column("parameters"), f'{{"release":{json.dumps(release)},')
+    return old.filter(pc.invert(pc.fill_null(mine, False)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,10 +886,11 @@ class SimulateResult:
     stars: int
     real_xp: int
     classes: dict[str, int]  # stars per class, "normal" included
-    shard_dir: Path
+    shard_dir: Path  # the shards' folder, or with as_files the survey files' folder
     files: list[Path]
     truth: Path
     seconds: float
+    as_files: bool = False
 
     def __str__(self) -> str:
         anomalies = self.stars - self.classes[NORMAL]
@@ -778,6 +916,7 @@ def simulate_release(
     chunk_size: int = CHUNK_SIZE,
     rows_per_file: int = ROWS_PER_FILE,
     show_progress: bool = False,
+    as_files: bool = False,
 ) -> SimulateResult:
     """Write one synthetic paired release under ``out``.
 
@@ -787,6 +926,10 @@ def simulate_release(
     real_xp_split: their split, "train" (default), "val", "test" or e.g. "train+val" (giving a
     split with real_xp_fraction 0 means all stars real); exclude_source_ids: real stars to skip
     (e.g. those of an earlier release).
+    as_files: write the release as the surveys deliver it (`write_survey_files`: LAMOST LRS FITS
+    files in both layouts and Gaia XP_SAMPLED products, under ``out/files/release=R/``) instead
+    of canonical shards; the same stars, and ``ingest`` of those files gives the shards' rows.
+    Simulating release R replaces all of R's earlier output (shards or files, truth rows).
     """
     check_release(release)
     if not 0.0 <= anomaly_fraction <= 1.0:
@@ -816,11 +959,7 @@ def simulate_release(
     classes, real_row = _plan(n, anomaly_fraction, n_real, len(pool) if pool else 0, plan_rng)
     id_offset = int(plan_rng.integers(0, N_HEALPIX12))
 
-    shard_dir = out / "shards" / f"release={release}"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(
-        shard_dir, out / "truth.parquet", rows_per_file, _truth_to_keep(out, shard_dir)
-    )
+    writer = _ReleaseWriter(out, release, rows_per_file, _truth_to_keep(out, release), as_files)
     # one background thread writes while the next chunk is simulated; at most 2 chunks queued
     jobs: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -860,10 +999,6 @@ def simulate_release(
         writer.abort()
         raise failure[0]
     files = writer.close()
-    keep = {p.name for p in files}
-    for old in shard_dir.glob("part-*.parquet"):
-        if old.name not in keep:
-            old.unlink()
     elapsed = time.perf_counter() - t0
     counts = {name: int((classes == name).sum()) for name in (NORMAL, *ANOMALY_CLASSES)}
     write_json_atomic(
@@ -876,7 +1011,9 @@ def simulate_release(
             "real_xp_split": real_xp_split,
             "n_real_xp": n_real,
             "classes": counts,
-            "files": [str(p.relative_to(out)) for p in files],
+            "as_files": as_files,
+            "files": [str(p.relative_to(out)) for p in files if p.suffix != ".fits"],
+            "lamost_fits_files": sum(p.suffix == ".fits" for p in files),
             "seconds": round(elapsed, 3),
             "stars_per_second": round(n / elapsed, 1),
             "lrs": "simulated (specsearch.sim.lrs_synth)",
@@ -890,8 +1027,9 @@ def simulate_release(
         stars=n,
         real_xp=n_real,
         classes=counts,
-        shard_dir=shard_dir,
+        shard_dir=writer.files_dir if as_files else writer.shard_dir,
         files=files,
         truth=out / "truth.parquet",
         seconds=elapsed,
+        as_files=as_files,
     )

@@ -15,8 +15,9 @@ DESIG or DESIGNATION, carried as the extra string column ``designation``); the G
 SOURCE_ID; the first positive integer wins).
 
 Processing, batched over ``batch_size`` files: pixels with ANDMASK != 0, NaN/inf flux, or
-negative/non-finite ivar get ivar 0; the batch is resampled onto the canonical LRS grid with
-``grids.resample_lrs`` (ivar propagated) and continuum-normalised with ``grids.normalise_lrs``.
+negative/non-finite ivar get ivar 0; then ``grids.canonical_lrs``, the one LRS path that the
+simulator's shards take too: resampled (ivar propagated) onto the fitting grid, the continuum
+fitted and divided out, the canonical grid cut out.
 
 Missing Gaia id
 ---------------
@@ -51,13 +52,8 @@ import pyarrow as pa
 from astropy.io import fits
 
 from ..errors import InputError
-from ..grids import (
-    LRS_WAVELENGTH,
-    MIN_LRS_COVERAGE,
-    lrs_coverage,
-    normalise_lrs,
-    resample_lrs,
-)
+from ..files import atomic_path
+from ..grids import LRS_WAVELENGTH, MIN_LRS_COVERAGE, canonical_lrs, lrs_coverage
 from ..pool import parallel_map
 from ..schema import SHARD_SCHEMA, make_shard_table, rejects_table
 from .shards import FILE_COLUMN, MIN_LRS_GOOD_FRACTION, ROW_COLUMN
@@ -417,7 +413,7 @@ def _stack(spectra: list[LamostSpectrum]) -> tuple[np.ndarray, ...]:
 def lamost_batch(
     spectra: list[LamostSpectrum], release: str, *, provenance: bool = False
 ) -> tuple[pa.Table, list[dict[str, Any]]]:
-    """Resample and normalise a batch of native spectra (one vectorised call each).
+    """Resample and normalise a batch of native spectra (`grids.canonical_lrs`, one call).
 
     Returns the canonical shards (extra column ``designation``; ``_file``/``_row`` with
     ``provenance``) and reject records for spectra with too few good pixels.
@@ -426,8 +422,8 @@ def lamost_batch(
     if not spectra:
         return _empty(provenance), records
     wavelength, flux, ivar, nonfinite, bad_ivar, masked = _stack(spectra)
-    grid_flux, grid_ivar = resample_lrs(wavelength, flux, ivar)
-    good_fraction = (grid_ivar > 0).mean(axis=1)
+    norm_flux, norm_ivar = canonical_lrs(wavelength, flux, ivar)
+    good_fraction = (norm_ivar > 0).mean(axis=1)
     ok = good_fraction >= MIN_LRS_GOOD_FRACTION
     for k in np.flatnonzero(~ok):
         s = spectra[k]
@@ -444,13 +440,12 @@ def lamost_batch(
     kept = [s for s, keep in zip(spectra, ok, strict=True) if keep]
     if not kept:
         return _empty(provenance), records
-    norm_flux, norm_ivar = normalise_lrs(grid_flux[ok], grid_ivar[ok])
     table = make_shard_table(
         np.array([_pseudo_source_id(s) for s in kept], dtype=np.int64),
         release,
         obsid=np.array([s.obsid if s.obsid is not None else -1 for s in kept], dtype=np.int64),
-        lrs_flux=norm_flux,
-        lrs_ivar=norm_ivar,
+        lrs_flux=norm_flux[ok],
+        lrs_ivar=norm_ivar[ok],
     )
     table = table.append_column(
         pa.field("designation", pa.string()),
@@ -544,7 +539,7 @@ def _read_batch(
     return table, rejects_table(release, [*records, *low_quality]), None
 
 
-# ------------------------------------------------------------------ writing (tests, docs)
+# ------------------------------------------------------------------ writing (simulator, tests)
 
 
 def write_lamost_fits(
@@ -558,14 +553,14 @@ def write_lamost_fits(
     ormask: np.ndarray | None = None,
     wavelength_in_header: bool = True,
 ) -> Path:
-    """Write one LAMOST-like LRS FITS file, for tests and examples.
+    """Write one LAMOST-like LRS FITS file (the simulator's `--as-files`, tests, examples).
 
     wavelength (m,) Angstrom increasing; flux, ivar (m,); andmask/ormask (m,) int (default 0).
     layout "image": primary image with rows flux, ivar, wavelength, andmask, ormask (float32)
     and, when the wavelength is log-linear and ``wavelength_in_header``, COEFF0/COEFF1 in the
     header. layout "table": header keys in the primary HDU, one-row binary table EXTNAME COADD.
-    ``header``: extra primary-header keys (OBSID, DESIGNAT, GAIA_SOURCE_ID, ...); TELESCOP =
-    'LAMOST' is always written.
+    ``header``: extra primary-header keys (OBSID, DESIGNAT, GAIA_SOURCE_ID, ...; COEFF0/COEFF1
+    given here are written as given); TELESCOP = 'LAMOST' is always written. Atomic.
     """
     wavelength = np.asarray(wavelength, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float32)
@@ -584,7 +579,12 @@ def write_lamost_fits(
         primary.data = np.stack([flux, ivar, wavelength, andmask, ormask]).astype(np.float32)
         loglam = np.log10(wavelength)
         step = (loglam[-1] - loglam[0]) / (m - 1)
-        if wavelength_in_header and np.allclose(np.diff(loglam), step, rtol=0, atol=1e-9):
+        given = "COEFF0" in primary.header  # the caller's exact grid keys win
+        if (
+            wavelength_in_header
+            and not given
+            and np.allclose(np.diff(loglam), step, rtol=0, atol=1e-9)
+        ):
             primary.header["COEFF0"] = float(loglam[0])
             primary.header["COEFF1"] = float(step)
         hdul = fits.HDUList([primary])
@@ -601,5 +601,6 @@ def write_lamost_fits(
     else:
         raise ValueError(f"layout must be 'image' or 'table', not {layout!r}")
     path = Path(path)
-    hdul.writeto(path, overwrite=True)
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, overwrite=True)
     return path

@@ -99,16 +99,26 @@ class Trainer:
         cfg: TrainConfig,
         device: str = "auto",
         log: Callable[[str], None] | None = None,
+        lr_scales: dict[str, float] | None = None,
     ):
         self.model, self.loss_fn, self.save_fn = model, loss_fn, save_fn
         self.out, self.cfg, self.log = Path(out), cfg, log or quiet
         self.device = choose_device(device)
         self.model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        # lr_scales: {parameter-name prefix: factor on the learning rate} (e.g. a slower encoder)
+        scales = lr_scales or {}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+                groups.setdefault(scale, []).append(param)
+        if not groups:
             raise SpecsearchError("nothing to train: every parameter is frozen")
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
+            [{"params": params, "lr_scale": scale} for scale, params in groups.items()],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=cfg.betas,
         )
         self.autocast = self.device.type == "cuda"
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -194,13 +204,14 @@ class Trainer:
         metrics_path = self.out / METRICS_FILE
         if epoch == 0:
             metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-        while epoch < cfg.epochs:
+        finished = epoch >= cfg.epochs or bool(cfg.patience and bad_epochs >= cfg.patience)
+        while not finished:
             self.model.train()
             torch.manual_seed(cfg.seed * 1000 + epoch)
             t0, sums, count = time.perf_counter(), {}, 0
             for batch in self._batches(train, epoch, shuffle=True):
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
+                    group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
                 terms = self._step_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
@@ -246,8 +257,11 @@ class Trainer:
                     self.model, self.out / "best", {"train": asdict(cfg), "epochs_done": epoch}
                 )
             self._checkpoint(epoch, step, best, bad_epochs, history)
+            finished = epoch >= cfg.epochs
             if cfg.patience and bad_epochs >= cfg.patience:
                 self.log(f"early stop: no improvement for {bad_epochs} epochs")
+                finished = True
+            if finished:
                 break
             if cfg.max_minutes and (time.perf_counter() - started) / 60 > cfg.max_minutes:
                 self.log(f"time budget of {cfg.max_minutes} min spent")
@@ -255,4 +269,5 @@ class Trainer:
             if cfg.stop_after and epoch - first_epoch >= cfg.stop_after:
                 self.log(f"stopped after {cfg.stop_after} epoch(s); resume to continue")
                 break
-        return {"best": best, "epochs": epoch, "history": history}
+        # finished: every epoch ran or early stopping ended it; otherwise resume to go on
+        return {"best": best, "epochs": epoch, "history": history, "finished": finished}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SpecsearchError
-from ..models.factory import build_model, save_model
+from ..models.factory import build_model, load_model, save_model
 from .data import load_arrays
 from .loop import TrainConfig, Trainer, quiet
 
@@ -32,6 +32,18 @@ def _loss(modality: str):
     return lambda model, batch: model.masked_loss(batch[0], batch[1])
 
 
+def _load_encoder(model, init: Path, modality: str) -> None:
+    """Copy the weights of ``init`` (an encoder, or a SpecCLIP model holding one) into ``model``."""
+    source = load_model(init)
+    if getattr(source, "kind", None) == "specclip":
+        source = source.lrs_encoder if modality == "lrs" else source.xp_encoder
+    if type(source) is not type(model) or source.config != model.config:
+        raise SpecsearchError(
+            f"{init}: its {type(source).__name__} does not match the {modality} encoder's config"
+        )
+    model.load_state_dict(source.state_dict())
+
+
 def pretrain(
     modality: str,
     data: list[Path],
@@ -41,8 +53,12 @@ def pretrain(
     device: str = "auto",
     resume: bool = False,
     log=quiet,
+    init: Path | None = None,
 ) -> dict:
-    """Pre-train the ``modality`` encoder on the train split of ``data``; writes ``out`` (and ``out/best``)."""
+    """Pre-train the ``modality`` encoder on the train split of ``data``; writes ``out`` (and ``out/best``).
+
+    init: start from the weights of a trained encoder of this kind, or of the encoder inside a
+    SpecCLIP model directory (a model's own encoder config must match ``config``'s)."""
     if modality not in KINDS:
         raise SpecsearchError(f"--modality must be one of {', '.join(KINDS)}, not {modality!r}")
     cfg = cfg or TrainConfig()
@@ -51,6 +67,9 @@ def pretrain(
     val = load_arrays(data, "val", require)
     log(f"pretrain {modality}: {len(train)} train, {len(val)} val spectra")
     model = build_model(KINDS[modality], config)
+    if init is not None:
+        _load_encoder(model, init, modality)
+        log(f"pretrain {modality}: starting from the encoder of {init}")
     names = INPUTS[modality]
     card = {
         "stage": "pretrain",
@@ -58,6 +77,7 @@ def pretrain(
         "data": [str(p) for p in data],
         "n_train": len(train),
         "n_val": len(val),
+        **({"init": str(init)} if init is not None else {}),
     }
     trainer = Trainer(
         model,

