@@ -309,6 +309,14 @@ class Chain:
     seconds: list[float]
     probe_id: int
 
+    def span(self, stage: str) -> tuple[int, int, int]:
+        """(the stage's number, the state it starts from, the state it ends in): nightly runs
+        every stage, from the first state to the last."""
+        k = [name for name, _ in self.stages].index(stage)
+        if stage == "nightly":
+            return k, 0, len(self.states) - 1
+        return k, k, k + 1
+
 
 KILL_STAGES = ("ingest", "embed", "index build", "score", "nightly")
 
@@ -360,9 +368,7 @@ def kill_trial(chain: Chain, stage: str, work: Path, rng: random.Random) -> Tria
     """Kill ``stage`` with SIGKILL at a random moment of its clean run time, read the store as a
     user would, run the stage again, and compare with the clean store: the same data (byte for
     byte), the same answers, every invariant."""
-    k = [name for name, _ in chain.stages].index(stage)
-    before = 0 if stage == "nightly" else k
-    after = len(chain.states) - 1 if stage == "nightly" else k + 1
+    k, before, after = chain.span(stage)
     args = chain.stages[k][1]
     delay = rng.uniform(0.1, 0.9) * chain.seconds[k]
     trial = Trial("kill -9", "")
@@ -438,8 +444,7 @@ def disk_full_trial(chain: Chain, stage: str, disk: Path, leave: int) -> Trial:
     """Run ``stage`` with only ``leave`` bytes free: it succeeds as the clean run did, or fails
     in one line (exit 1) with the store as it was; with the space back, the same command gives
     the clean run's data."""
-    k = [name for name, _ in chain.stages].index(stage)
-    before, after = (0, len(chain.states) - 1) if stage == "nightly" else (k, k + 1)
+    k, before, after = chain.span(stage)
     args = chain.stages[k][1]
     trial = Trial("disk full", f"{stage} with {leave // 1024} KB free")
     t0 = time.perf_counter()

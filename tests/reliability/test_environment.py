@@ -20,7 +20,7 @@ from specsearch.cli.app import app
 from specsearch.files import file_sha256
 from specsearch.schema import SHARD_SCHEMA, column_matrix, fixed_list
 from specsearch.store import Store
-from tests.reliability.harness import CLI, REPO, _group_members, cli, source_release
+from tests.reliability.harness import CLI, REPO, _group_members, cli, fill, source_release, tmpfs
 
 runner = CliRunner()
 
@@ -47,22 +47,10 @@ def one_line(result_stderr: str) -> str:
 def small_disk(tmp_path):
     """A 40 MB tmpfs (needs root and permission to mount; else the test is skipped and the
     injected-ENOSPC test below covers the same paths)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk, leave: int) -> None:
-    """Take all but ``leave`` bytes of the disk's free space."""
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    with open(disk / "filler", "ab") as f:
-        f.write(b"\0" * max(0, free - leave))
+    with tmpfs(tmp_path / "disk", 40) as mount:
+        if mount is None:
+            pytest.skip("cannot mount a tmpfs here")
+        yield mount
 
 
 def test_disk_full_in_every_writing_stage_leaves_the_store_as_it_was(small_disk, tmp_path):
