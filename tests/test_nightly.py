@@ -46,6 +46,22 @@ def test_each_night_runs_every_stage_and_reports_since_the_last(nights):
     assert len(second.top) == 5 and second.top[0]["rank"] == 1
 
 
+def test_each_stage_reports_its_time_and_peak_memory(nights):
+    _, _, first, second = nights
+    for night in (first, second):
+        assert list(night.metrics) == ["ingest", "embed", "index", "score", "report"]
+        stages = list(night.metrics.values())
+        for earlier, later in zip(stages, stages[1:], strict=False):
+            # in order, one after the other, and the stages fit inside the night
+            assert earlier["started"] + earlier["seconds"] <= later["started"] + 1e-3
+        assert 0 < sum(m["seconds"] for m in stages) <= night.seconds
+        for m in stages:
+            # this process's own peak since the stage began: at least what the interpreter
+            # holds with numpy and pyarrow loaded, at most this machine's memory
+            assert 30 < m["peak_rss_mb"] < 24 * 1024
+    assert json.loads(second.to_json())["metrics"] == second.metrics
+
+
 def test_the_same_night_twice_leaves_the_store_byte_identical(nights, tiny_model):
     root, store, _, _ = nights
     before = _digest(store)

@@ -50,6 +50,7 @@ class NightlyResult:
     since: str | None = None
     top: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if not self.changed:
@@ -80,6 +81,7 @@ class NightlyResult:
                 "report": str(self.report) if self.report else None,
                 "top": self.top,
                 "seconds": round(self.seconds, 2),
+                "metrics": self.metrics,
             },
             default=str,
         )
@@ -114,15 +116,48 @@ def nightly(
     return result
 
 
+def _peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory in MB since the last reset (Linux: VmHWM, reset by
+    writing 5 to /proc/self/clear_refs); None where /proc does not tell."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+            return None
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+@contextlib.contextmanager
+def _metered(result: NightlyResult, stage: str):
+    """Record a stage's start (Unix time), wall seconds and this process's peak RSS in MB (worker
+    processes, such as ingest's, are not counted here) into ``result.metrics``."""
+    _peak_rss_mb(reset=True)
+    started, t0 = time.time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        result.metrics[stage] = {
+            "started": round(started, 3),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+
+
 def _run(held, source, root, release, reference, model, top, threshold, workers, show_progress):
     result = NightlyResult(release=release, store=root)
     # 1. ingest, unless these very files were already ingested as this release
     fingerprint = source_fingerprint(source)
     entry = Store(root).release_entry(release) if (root / "manifest.json").exists() else None
     if entry is None:
-        result.stages["ingest"] = ingest(
-            source, root, release, workers=workers, show_progress=show_progress
-        )
+        with _metered(result, "ingest"):
+            result.stages["ingest"] = ingest(
+                source, root, release, workers=workers, show_progress=show_progress
+            )
         result.changed.append("ingest")
     elif entry.get("source_fingerprint") != fingerprint:
         raise SpecsearchError(
@@ -132,24 +167,27 @@ def _run(held, source, root, release, reference, model, top, threshold, workers,
     st = Store.open(root)
     held.enter_context(st.writing(f"nightly {release}"))  # re-entrant; a first night: from here
     # 2. embed what is new
-    embedded = embed_store(st, release=release, model=model, show_progress=show_progress)
+    with _metered(result, "embed"):
+        embedded = embed_store(st, release=release, model=model, show_progress=show_progress)
     if embedded.chunks:
         result.stages["embed"] = embedded
         result.changed.append("embed")
     # 3. the indexes hold the release
-    indexed = _index(st, release, show_progress)
+    with _metered(result, "index"):
+        indexed = _index(st, release, show_progress)
     if indexed is not None:
         result.stages["index"] = indexed
         result.changed.append("index")
     # 4. score against the frozen reference
-    scored = score_store(
-        st,
-        release=release,
-        reference=reference,
-        model=model,
-        threshold=threshold,
-        show_progress=show_progress,
-    )
+    with _metered(result, "score"):
+        scored = score_store(
+            st,
+            release=release,
+            reference=reference,
+            model=model,
+            threshold=threshold,
+            show_progress=show_progress,
+        )
     if scored.releases:
         result.stages["score"] = scored
         result.changed.append("score")
@@ -161,17 +199,10 @@ def _run(held, source, root, release, reference, model, top, threshold, workers,
     key = _report_key(st, release, result.since, top, threshold)
     recorded = st.report_entry(release)
     if recorded is None or recorded.get("key") != key or not (out / "report.html").exists():
-        report = write_report(
-            st,
-            release,
-            out,
-            since=result.since,
-            top=top,
-            threshold=threshold,
-            command=f"specsearch nightly {source} --store {root} --release {release}",
-            model=model,
-            show_progress=show_progress,
-        )
+        with _metered(result, "report"):
+            report = _write_report(
+                st, release, out, result.since, top, threshold, source, root, model, show_progress
+            )
         st.record_report(
             release,
             {
@@ -192,6 +223,20 @@ def _run(held, source, root, release, reference, model, top, threshold, workers,
         result.new_since = new_above_threshold(st, release, result.since, threshold).num_rows
     result.top = _top(st, release, min(top, 10))
     return result
+
+
+def _write_report(st, release, out, since, top, threshold, source, root, model, show_progress):
+    return write_report(
+        st,
+        release,
+        out,
+        since=since,
+        top=top,
+        threshold=threshold,
+        command=f"specsearch nightly {source} --store {root} --release {release}",
+        model=model,
+        show_progress=show_progress,
+    )
 
 
 def _index(st: Store, release: str, show_progress: bool):
