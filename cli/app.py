@@ -332,6 +332,17 @@ def index_build(
         str,
         typer.Option(help="auto picks the fastest index for: single (one query) or batch."),
     ] = "single",
+    sharded: Annotated[
+        bool,
+        typer.Option(
+            "--sharded",
+            help="Train on a sample, add shard by shard, merge the lists on disk (automatic "
+            "when the index would not fit the memory budget).",
+        ),
+    ] = False,
+    workers: Annotated[
+        int, typer.Option(help="Processes adding shards at once (a sharded build).")
+    ] = 1,
 ) -> None:
     """Build FAISS indexes over the store's embeddings."""
     from specsearch.indexes import DEFAULT_TARGET_RECALL, build_store_indexes
@@ -347,6 +358,8 @@ def index_build(
             target_recall=recall,
             memory_budget_bytes=budget,
             speed_for=speed_for,
+            sharded=sharded,
+            workers=workers,
         )
     typer.echo(result)
 

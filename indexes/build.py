@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -350,6 +350,7 @@ def build_sharded_index(
     ivfdata_name: str,
     shard_size: int | None = None,
     show_progress: bool = True,
+    workers: int = 1,
 ) -> faiss.Index:
     """Add a set too large for memory to an IVF index, one shard at a time, via the disk.
 
@@ -357,7 +358,10 @@ def build_sharded_index(
     must be a trained, empty inverted file), written to a scratch folder in ``out_dir``; the
     shards' inverted lists are then merged into ``out_dir/ivfdata_name``, which the returned
     index memory-maps. Batches are grouped into shards of at least ``shard_size`` vectors
-    (default: each batch is a shard). The scratch folder is removed.
+    (default: each batch is a shard). With ``workers`` > 1 the shards are added by that many
+    processes at once (each reads the trained index from the scratch folder and writes its
+    shard there; at most 2 x ``workers`` shards are in memory); the merge, and so the index, is
+    the same. The scratch folder is removed.
     """
     if not is_ivf(trained_index) or not trained_index.is_trained or trained_index.ntotal:
         raise SpecsearchError("a sharded build needs a trained, empty inverted-file (IVF) index")
@@ -366,21 +370,17 @@ def build_sharded_index(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        paths = []
-        shard = None
+        grouped = _grouped(shards, shard_size)
         with progress("adding shards", None, show_progress) as advance:
-            for embeddings, ids in shards:
-                shard = shard if shard is not None else empty_copy(trained_index)
-                shard.add_with_ids(
-                    np.ascontiguousarray(embeddings, dtype=np.float32),
-                    np.asarray(ids, dtype=np.int64),
-                )
-                advance(len(ids))
-                if shard_size is None or shard.ntotal >= shard_size:
-                    paths.append(_write_shard(shard, scratch, len(paths)))
-                    shard = None
-            if shard is not None and shard.ntotal:
-                paths.append(_write_shard(shard, scratch, len(paths)))
+            if workers > 1:
+                paths = _add_in_processes(trained_index, grouped, scratch, workers, advance)
+            else:
+                paths = []
+                for number, (embeddings, ids) in enumerate(grouped):
+                    shard = empty_copy(trained_index)
+                    shard.add_with_ids(embeddings, ids)
+                    paths.append(_write_shard(shard, scratch, number))
+                    advance(len(ids))
         # memory-mapped, so the shards' lists are never all in RAM at once
         loaded = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in paths]
         merged = merge_ondisk(
@@ -392,6 +392,69 @@ def build_sharded_index(
         return merged
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _grouped(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], shard_size: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches joined into shards of at least ``shard_size`` vectors (None: one per batch)."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for embeddings, ids in batches:
+        if not len(ids):
+            continue
+        parts.append(
+            (np.ascontiguousarray(embeddings, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        )
+        held += len(ids)
+        if shard_size is None or held >= shard_size:
+            yield _joined(parts)
+            parts, held = [], 0
+    if parts:
+        yield _joined(parts)
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _add_in_processes(
+    trained_index: faiss.Index,
+    grouped: Iterator[tuple[np.ndarray, np.ndarray]],
+    scratch: Path,
+    workers: int,
+    advance,
+) -> list[Path]:
+    import functools
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from specsearch.pool import die_with_parent, ordered_map
+
+    trained_path = scratch / "trained.faiss"
+    write_faiss(trained_index, trained_path)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    job = functools.partial(_add_shard_file, str(trained_path), str(scratch), threads)
+    items = ((number, shard) for number, shard in enumerate(grouped))
+    paths = []
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        for path, count in ordered_map(pool, job, items, ahead=workers):
+            paths.append(Path(path))
+            advance(count)
+    return paths
+
+
+def _add_shard_file(
+    trained_path: str, scratch: str, threads: int, item: tuple[int, tuple[np.ndarray, np.ndarray]]
+) -> tuple[str, int]:
+    """In a worker process: one shard's vectors into a copy of the trained index, on disk."""
+    number, (embeddings, ids) = item
+    faiss.omp_set_num_threads(threads)
+    shard = faiss.read_index(trained_path)
+    shard.add_with_ids(embeddings, ids)
+    return str(_write_shard(shard, Path(scratch), number)), len(ids)
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:
@@ -423,6 +486,7 @@ def build_index_streaming(
     n_queries: int | None = None,
     exclude_self: bool = True,
     shard_size: int | None = None,
+    workers: int = 1,
     device: str | CpuDevice = "auto",
     show_progress: bool = True,
 ) -> tuple[faiss.Index, dict]:
@@ -431,7 +495,8 @@ def build_index_streaming(
     ``batches()`` must return a fresh iterator over the same (embeddings, ids) each call; it is
     read three times: to sample training and query vectors, to add shards, and for the exact
     neighbours of the queries. The index is an IVF with on-disk lists in ``out_dir/ivfdata_name``.
-    The other arguments are as for ``build_index``.
+    ``workers``: processes adding shards at once (``build_sharded_index``). The other arguments
+    are as for ``build_index``.
     """
     start = time.perf_counter()
     device = resolve_device(device)
@@ -472,7 +537,7 @@ def build_index_streaming(
     if shard_size is None:
         shard_size = max(ADD_BATCH, budget // (4 * (4 * d + 8)))
     index = build_sharded_index(
-        trained, indexed(), out_dir, ivfdata_name, shard_size, show_progress
+        trained, indexed(), out_dir, ivfdata_name, shard_size, show_progress, workers
     )
     t2 = time.perf_counter()
     exclude_self = exclude_self and n > 1
@@ -507,7 +572,12 @@ def build_index_streaming(
         seed=seed,
         seconds={"train": round(t1 - t0, 3), "add": round(t2 - t1, 3), "tune": round(t3 - t2, 3)},
         start=start,
-        storage={"ondisk": True, "ivfdata": ivfdata_name, "shard_size": int(shard_size)},
+        storage={
+            "ondisk": True,
+            "ivfdata": ivfdata_name,
+            "shard_size": int(shard_size),
+            "workers": int(workers),
+        },
         estimate_n=n,
     )
     return index, params

@@ -228,12 +228,15 @@ def build_store_indexes(
     speed_for: str = "single",
     seed: int = 0,
     device: str = "auto",
+    sharded: bool = False,
+    workers: int = 1,
     show_progress: bool = True,
 ) -> IndexResult:
     """Build and save the store's index of each modality (``Store.index_dir``).
 
     The vectors are read in memory when they and the index fit ``memory_budget_bytes`` (default:
-    half of RAM); otherwise the index is built in shards with on-disk lists. The other arguments
+    half of RAM); otherwise, or with ``sharded``, the index is an inverted file trained on a
+    sample, filled shard by shard (``workers`` processes at once) and merged into on-disk lists. The other arguments
     are those of ``build.build_index``: ``speed_for`` "single" (default) picks the fastest index
     for a user's search, one star at a time; "batch" the fastest for a kNN graph of the store.
     """
@@ -256,6 +259,8 @@ def build_store_indexes(
             show_progress,
             exclude_self,
             speed_for,
+            sharded,
+            workers,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -273,12 +278,16 @@ def _build_one(
     show_progress,
     exclude_self=True,
     speed_for="single",
+    sharded=False,
+    workers=1,
 ) -> dict:
     n, d = embedding_set.n, embedding_set.d
     in_memory_bytes = n * d * 4 + (
         index_bytes(choose_factory(n, d, budget, exact_threshold), n, d) if factory == "auto" else 0
     )
-    if factory == "auto" and in_memory_bytes > budget:
+    if workers < 1:
+        raise SpecsearchError(f"--workers must be at least 1, not {workers}")
+    if sharded or (factory == "auto" and in_memory_bytes > budget):
         version = uuid.uuid4().hex
         ivfdata = f"{embedding_set.modality}.{version}.ivfdata"
         index, params = build_index_streaming(
@@ -292,6 +301,7 @@ def _build_one(
             budget,
             seed=seed,
             exclude_self=exclude_self,
+            workers=workers,
             device=device,
             show_progress=show_progress,
         )

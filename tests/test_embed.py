@@ -120,6 +120,93 @@ def test_ray_engine_writes_the_same_rows(tmp_path, store, tiny_model):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_engine_on_an_existing_cluster_spreads_chunks_over_actors(tmp_path, store, tiny_model):
+    """A Ray cluster started apart from specsearch (`ray start --head`, 4 CPU slots: 2 actors of
+    2 CPUs); `embed --engine ray --ray-address` joins it and writes the local engine's rows.
+    The head is started as a user would: with token authentication on if this machine already
+    holds a Ray token (an earlier local Ray wrote one), off otherwise."""
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    temp = tempfile.mkdtemp(prefix="/tmp/ray-")  # Ray's socket paths must stay short
+    port = _free_port()
+    env = {**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run(
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        other = tmp_path / "cluster"
+        shutil.copytree(store, other)
+        local = embed_store(store, model=str(tiny_model), show_progress=False, chunk_rows=64)
+        remote = embed_store(
+            other,
+            model=str(tiny_model),
+            engine="ray",
+            device="cpu",
+            ray_address=f"127.0.0.1:{port}",
+            show_progress=False,
+            chunk_rows=64,
+        )
+        assert remote.chunks == local.chunks == 5  # 300 stars in chunks of 64
+        assert (remote.lrs, remote.xp) == (local.lrs, local.xp)
+        assert remote.workers == 2 and "by 2 Ray actors" in str(remote)
+        tables_local, tables_remote = _embedding_tables(store), _embedding_tables(other)
+        assert set(tables_local) == set(tables_remote)
+        for name, table in tables_local.items():
+            assert table.column("source_id").equals(tables_remote[name].column("source_id"))
+            a = table.column("embedding").combine_chunks().flatten().to_numpy()
+            b = tables_remote[name].column("embedding").combine_chunks().flatten().to_numpy()
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        # the CLI passes the address through: a second run finds every chunk done
+        again = CliRunner().invoke(
+            app,
+            [
+                "embed",
+                "--store",
+                str(other),
+                "--model",
+                str(tiny_model),
+                "--engine",
+                "ray",
+                "--ray-address",
+                f"127.0.0.1:{port}",
+            ],
+        )
+        assert again.exit_code == 0, again.output
+        assert again.output.startswith("embed: nothing to do")
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture()
 def indexed_store(store, tiny_model):
     from specsearch.indexes import build_store_indexes

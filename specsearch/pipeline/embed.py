@@ -229,6 +229,7 @@ class EmbedResult:
     already_done: int
     seconds: float
     non_finite: int = 0  # spectra whose outputs were not finite, left out of the files
+    workers: int = 1  # processes that ran the model (Ray actors with --engine ray)
 
     def __str__(self) -> str:
         if not self.chunks:
@@ -240,6 +241,8 @@ class EmbedResult:
             f"embed: {self.lrs} LRS and {self.xp} XP spectra embedded with {self.model_id} "
             f"in {self.chunks} chunks ({self.already_done} already done)"
         )
+        if self.workers > 1:
+            text += f" by {self.workers} Ray actors"
         if self.non_finite:
             text += f"; {self.non_finite} spectra gave non-finite outputs and were left out"
         return text
@@ -303,6 +306,7 @@ def embed_store(
         already_done=len(chunks) - len([c for c in pending if c in chunks]),
         non_finite=counts.get("non_finite", 0),
         seconds=time.perf_counter() - start,
+        workers=counts.get("actors", 1),
     )
 
 

@@ -26,7 +26,7 @@ class _EmbedActor:
         self.runner = SpecCLIPRunner(model, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts_by_kind: dict[str, list[int]] = {"lrs": [], "xp": [], "non_finite": []}
+        counts_by_kind: dict[str, list[int]] = {"lrs": [], "xp": [], "non_finite": [], "pid": []}
         for i in range(len(batch["start"])):
             chunk = Chunk(
                 release=str(batch["release"][i]),
@@ -36,30 +36,66 @@ class _EmbedActor:
                 stop=int(batch["stop"][i]),
             )
             counts = embed_chunk(self.store_root, chunk, self.runner, self.runner.model_id)
+            counts["pid"] = os.getpid()
             for kind, values in counts_by_kind.items():
                 values.append(counts[kind])
         return {kind: np.asarray(values) for kind, values in counts_by_kind.items()}
 
 
+def _has_token() -> bool:
+    """Whether a Ray authentication token is at hand (environment or Ray's default file)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
+
+
+def _join(ray: Any, address: str) -> None:
+    """Connect to the cluster at ``address``; a one-line error when that fails.
+
+    A head started with ``ray start --head`` turns token authentication on by itself when this
+    machine holds a token (``~/.ray/auth_token``, written by any earlier local Ray), but a client
+    does not follow unless RAY_AUTH_MODE=token: the connection is retried that way once.
+    """
+    try:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        return
+    except Exception as err:  # noqa: BLE001 - Ray raises several kinds; one line for all
+        first = err
+    if "RAY_AUTH_MODE" not in os.environ and _has_token():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+            return
+        except Exception:  # noqa: BLE001
+            del os.environ["RAY_AUTH_MODE"]
+    reason = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+    raise SpecsearchError(
+        f"cannot join the Ray cluster at {address}: {reason} (is it running? "
+        "does it use token authentication: RAY_AUTH_MODE=token?)"
+    ) from None
+
+
 def embed_chunks_ray(
     store_root: str, chunks: list[Chunk], model: str, device: str, address: str | None = None
 ) -> dict[str, int]:
-    """Run ``embed_chunk`` over ``chunks`` with Ray Data actors; returns rows per modality."""
+    """Run ``embed_chunk`` over ``chunks`` with Ray Data actors; returns rows per modality and
+    the number of actors that ran chunks (``actors``)."""
     try:
         import ray
     except ImportError:
         raise SpecsearchError("--engine ray needs Ray: pip install 'specsearch[ray]'") from None
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = (
-            {"address": address}
-            if address
-            else {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-            }
-        )
-        ray.init(log_to_driver=False, ignore_reinit_error=True, **kwargs)
+        if address:
+            _join(ray, address)
+        else:
+            ray.init(
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+            )
         started = True
     try:
         resources = ray.cluster_resources()
@@ -84,4 +120,6 @@ def embed_chunks_ray(
     finally:
         if started:
             ray.shutdown()
-    return {kind: int(sum(r[kind] for r in rows)) for kind in ("lrs", "xp", "non_finite")}
+    counts = {kind: int(sum(r[kind] for r in rows)) for kind in ("lrs", "xp", "non_finite")}
+    counts["actors"] = len({int(r["pid"]) for r in rows})
+    return counts
