@@ -101,6 +101,88 @@ def throughput(model: str, store: Path, n_batched: int, n_loop: int, repeats: in
     }
 
 
+def _gemms(runner, data: dict) -> tuple[float, dict]:
+    """FLOPs per star of the embed stage and the matrix products it runs, with their counts.
+
+    Attention runs through the math backend here, so that its two products are seen (the fast
+    CPU kernel is opaque to the counter); the products are the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from specsearch.pipeline.embed import EMBED_OUTPUTS
+
+    shapes: dict[tuple, int] = {}
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ("addmm", "mm", "bmm"):
+                a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
+                key = (name, tuple(a.shape), tuple(b.shape))
+                shapes[key] = shapes.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    n = len(data["lrs_flux"])
+    runner.model.requires_grad_(False)  # the counter's module hooks need no autograd
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, Shapes():
+        runner.run_batch(**data, outputs=list(EMBED_OUTPUTS))
+    return counter.get_total_flops() / n, shapes
+
+
+def _gflops(fn, flops: float, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return flops / min(times) / 1e9
+
+
+def efficiency(model: str, store: Path, n: int, repeats: int) -> dict:
+    """The embed stage against the hardware, side by side in one run: its FLOPs per star, its
+    rate, the fp32 matmul peak of this CPU (2048^3, all threads), and its own matrix products
+    timed alone (the most the model's shapes can get from this BLAS)."""
+    import torch
+
+    from specsearch.models.runner import SpecCLIPRunner
+    from specsearch.pipeline.embed import EMBED_OUTPUTS
+
+    runner = SpecCLIPRunner(model, device="cpu")
+    data = _arrays(store, n)
+    batch = {k: v[: runner.batch_size] for k, v in data.items()}
+    flops_per_star, shapes = _gemms(runner, batch)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    rates, peaks = [], []
+    for _ in range(repeats):
+        peaks.append(_gflops(lambda: torch.mm(a, b), 2 * 2048**3))
+        t0 = time.perf_counter()
+        runner.run_batch(**data, outputs=list(EMBED_OUTPUTS))
+        rates.append(n / (time.perf_counter() - t0))
+    gemm_flops, gemm_seconds = 0.0, 0.0
+    for (name, sa, sb), count in shapes.items():
+        x, y = torch.randn(*sa), torch.randn(*sb)
+        flops = 2 * float(np.prod(sa)) * sb[-1]
+        op = (lambda x=x, y=y: torch.bmm(x, y)) if name == "bmm" else (lambda x=x, y=y: x @ y)
+        gemm_flops += flops * count
+        gemm_seconds += flops * count / (_gflops(op, flops) * 1e9)
+    rate, peak = statistics.median(rates), statistics.median(peaks)
+    return {
+        "batch_size": runner.batch_size,
+        "gflop_per_star": flops_per_star / 1e9,
+        "stars_per_s": rate,
+        "achieved_gflops": rate * flops_per_star / 1e9,
+        "matmul_peak_gflops": peak,
+        "fraction_of_peak": statistics.median(
+            r * flops_per_star / 1e9 / p for r, p in zip(rates, peaks, strict=True)
+        ),
+        "own_gemms_alone_gflops": gemm_flops / gemm_seconds / 1e9,
+        "matmul_share_of_flops": gemm_flops / (flops_per_star * runner.batch_size),
+        "repeats": repeats,
+    }
+
+
 def fresh_process_peak(code: str) -> dict:
     """Run Python ``code`` in a fresh process; returns its wall seconds and peak RSS in MB, from
     VmHWM in /proc (getrusage's ru_maxrss would carry the parent's peak across fork + exec)."""
@@ -138,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop-stars", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--efficiency-only",
+        action="store_true",
+        help="only the FLOP rate against the matmul peak (writes embed_efficiency.json)",
+    )
     args = parser.parse_args(argv)
 
     from specsearch.pipeline.ingest import ingest
@@ -156,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         ).exists():  # (re-runs reuse the stores: delete to re-embed)
             ingest(sim / "shards" / "release=BENCH", stores[n], "BENCH", show_progress=False)
 
+    hardware = efficiency(model, stores[min(args.sizes)], args.batched_stars, args.repeats)
+    _print_efficiency(hardware)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "embed_efficiency.json").write_text(json.dumps(hardware, indent=2) + "\n")
+    if args.efficiency_only:
+        return
     speed = throughput(
         model, stores[min(args.sizes)], args.batched_stars, args.loop_stars, args.repeats
     )
@@ -189,6 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"peak memory {large} / {small}: {result['memory_ratio']:.2f}x")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "embed.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _print_efficiency(h: dict) -> None:
+    print(
+        f"embed on CPU: {h['gflop_per_star']:.4f} GFLOP per star (LRS + XP, every output), "
+        f"{h['stars_per_s']:.0f} stars/s at batch {h['batch_size']} = "
+        f"{h['achieved_gflops']:.1f} GFLOP/s; fp32 matmul peak {h['matmul_peak_gflops']:.1f} "
+        f"GFLOP/s: {100 * h['fraction_of_peak']:.0f}% of peak (median of {h['repeats']} paired "
+        f"runs). The model's own matrix products alone reach {h['own_gemms_alone_gflops']:.1f} "
+        f"GFLOP/s ({100 * h['own_gemms_alone_gflops'] / h['matmul_peak_gflops']:.0f}% of peak)."
+    )
 
 
 if __name__ == "__main__":

@@ -207,6 +207,25 @@ def test_ray_engine_on_an_existing_cluster_spreads_chunks_over_actors(tmp_path, 
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_ray_engine_with_nothing_at_the_address_is_one_line_in_seconds(store, tiny_model):
+    pytest.importorskip("ray")
+    import time
+
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(
+        app,
+        ["embed", "--store", str(store), "--model", str(tiny_model), "--engine", "ray"]
+        + ["--ray-address", address],
+    )
+    assert time.perf_counter() - t0 < 30  # Ray alone retries for minutes
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: cannot join the Ray cluster at {address}: nothing answers there "
+        "(Connection refused); start it with `ray start --head` or check the address"
+    ]
+
+
 @pytest.fixture()
 def indexed_store(store, tiny_model):
     from specsearch.indexes import build_store_indexes

@@ -50,6 +50,23 @@ def _has_token() -> bool:
     return os.path.isfile(path)
 
 
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at ``host:port`` (Ray itself retries
+    an unreachable head for minutes). "auto" and addresses without a port are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SpecsearchError(
+            f"cannot join the Ray cluster at {address}: nothing answers there "
+            f"({err.strerror or err}); start it with `ray start --head` or check the address"
+        ) from None
+
+
 def _join(ray: Any, address: str) -> None:
     """Connect to the cluster at ``address``; a one-line error when that fails.
 
@@ -57,6 +74,7 @@ def _join(ray: Any, address: str) -> None:
     machine holds a token (``~/.ray/auth_token``, written by any earlier local Ray), but a client
     does not follow unless RAY_AUTH_MODE=token: the connection is retried that way once.
     """
+    _reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
         return
