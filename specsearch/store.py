@@ -1174,8 +1174,18 @@ def rows_with_ids(path: Path, columns: list[str] | None, source_ids: np.ndarray)
     if not groups:
         empty = parquet.schema_arrow.empty_table()
         return empty if columns is None else empty.select(columns)
-    table = parquet.read_row_groups(groups, columns=columns)
-    return table.filter(pa.array(np.isin(table.column("source_id").to_numpy(), wanted)))
+    # one row group at a time, its ids first: memory stays at one group's columns however many
+    # groups the ids are spread over (ids in no particular order make every group a candidate)
+    parts = []
+    for group in groups:
+        ids = parquet.read_row_group(group, columns=["source_id"]).column("source_id")
+        hit = np.isin(ids.to_numpy(), wanted)
+        if hit.any():
+            parts.append(parquet.read_row_group(group, columns=columns).filter(pa.array(hit)))
+    if not parts:
+        empty = parquet.schema_arrow.empty_table()
+        return empty if columns is None else empty.select(columns)
+    return pa.concat_tables(parts)
 
 
 def _may_hold(statistics, wanted: np.ndarray) -> bool:

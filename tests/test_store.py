@@ -189,3 +189,39 @@ def test_a_write_that_fails_part_way_leaves_the_release_as_it_was(tmp_path):
         "part-00002.parquet",
         "rejects.parquet",
     ]
+
+
+def test_rows_by_id_read_one_row_group_at_a_time(tmp_path, monkeypatch):
+    """Ids in no particular order make every row group a candidate by its statistics; only the
+    groups that hold a wanted id are read in full, one at a time."""
+    from specsearch.store import rows_with_ids
+
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(1, 10_001, dtype=np.int64) * 7919)
+    flux = rng.normal(size=(10_000, 8)).astype(np.float32)
+    table = pa.table(
+        {
+            "source_id": ids,
+            "flux": pa.FixedSizeListArray.from_arrays(pa.array(flux.ravel()), 8),
+        }
+    )
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path, row_group_size=1000)  # 10 groups, each spanning all ids
+    wanted = ids[[5, 17, 4321, 9999]]  # in groups 0, 0, 4 and 9
+    full_reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, group, columns=None, **kwargs):
+        if columns != ["source_id"]:
+            full_reads.append(group)
+        return original(self, group, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    got = rows_with_ids(path, ["source_id", "flux"], wanted)
+    assert full_reads == [0, 4, 9]
+    assert sorted(got.column("source_id").to_pylist()) == sorted(wanted.tolist())
+    rows = {int(i): n for n, i in enumerate(ids)}
+    got_ids, got_flux = got.column("source_id").to_pylist(), got.column("flux").to_pylist()
+    for sid, values in zip(got_ids, got_flux, strict=True):
+        np.testing.assert_array_equal(values, flux[rows[sid]])
+    assert rows_with_ids(path, ["source_id"], np.array([3], np.int64)).num_rows == 0
