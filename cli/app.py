@@ -225,20 +225,30 @@ def release_list(store: StoreOpt) -> None:
     manifest = st.read_manifest()
     embedded = manifest.get("embeddings", {}).get("releases", {})
     missing = st.missing_embeddings()
-    for name in st.releases():
+    releases = st.releases()
+    if not releases:
+        typer.echo(f"{st.root}: no releases yet")
+        return
+    width = max(7, *(len(name) for name in releases))
+    typer.echo(f"{'release':<{width}}  {'stars':>10}  {'rejected':>8}  {'ingested (UTC)':<16}  has")
+    for name in releases:
         entry = manifest["releases"][name]
-        parts = [f"{entry['rows']} stars", f"{entry['rejects']} rejected"]
+        parts = []
         if name in embedded and name not in missing:
-            parts.append("embedded")
+            parts.append("embeddings")
         elif name in embedded:
-            parts.append("partly embedded")
+            parts.append("some embeddings")
         if name in manifest.get("scores", {}):
-            parts.append("scored")
+            parts.append("scores")
         if name == manifest.get("calibration", {}).get("release"):
-            parts.append("calibration reference")
+            parts.append("calibration")
         if name in manifest.get("reports", {}):
             parts.append("report")
-        typer.echo(f"{name}: {', '.join(parts)} (ingested {entry.get('ingested')})")
+        ingested = str(entry.get("ingested") or "")[:16].replace("T", " ")
+        typer.echo(
+            f"{name:<{width}}  {entry['rows']:>10,}  {entry['rejects']:>8,}  {ingested:<16}  "
+            + (", ".join(parts) or "-")
+        )
 
 
 @release_app.command("rm")

@@ -140,3 +140,20 @@ def test_predict_store_gives_one_row_per_star_from_its_latest_release(two_releas
     assert got == want.to_pylist()
     older = predict_store(store, release="DR1", model=str(tiny_model))
     assert older.num_rows == DR1_N  # the history stays readable release by release
+
+
+def test_release_list_is_a_table_that_fits_a_terminal(two_releases):
+    store = two_releases[0]
+    result = CliRunner().invoke(app, ["release", "list", "--store", str(store.root)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["release", "stars", "rejected", "ingested", "(UTC)", "has"]
+    dr1, dr2 = (line.split(None, 5) for line in lines[1:])
+    releases = store.read_manifest()["releases"]
+    for row, name in ((dr1, "DR1"), (dr2, "DR2")):
+        entry = releases[name]
+        assert row[:3] == [name, f"{entry['rows']:,}", f"{entry['rejects']:,}"]
+        assert row[3] == entry["ingested"][:10]  # the date; then the time to the minute
+    assert int(dr1[1]) == DR1_N  # every 10th LRS is all NaN and rejected; the star stays
+    assert dr1[5] == dr2[5] == "embeddings"  # not scored, no report yet
+    assert all(len(line) <= 80 for line in lines)
