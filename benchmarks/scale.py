@@ -215,7 +215,9 @@ def run_night(source: Path, store: Path, release: str) -> dict:
     }
 
 
-def run_size(work: Path, n: int, base: int, keep: bool) -> dict:
+def run_size(work: Path, n: int, base: int, keep: bool, saved=None) -> dict:
+    """Both nights at size ``n``; ``saved(result)`` is called after each night, so a run stopped
+    part-way keeps the nights it finished."""
     folder = work / f"n{n}"
     shutil.rmtree(folder, ignore_errors=True)
     half = n // 2
@@ -235,6 +237,8 @@ def run_size(work: Path, n: int, base: int, keep: bool) -> dict:
         night["input_seconds"] = round(grow, 1)
         result["nights"][release] = night
         print(f"{n:,}: {release} night {night['wall_seconds']:.0f} s", flush=True)
+        if saved is not None and release != NIGHTS[-1]:
+            saved({**result, "partial": True})
         if not keep:
             shutil.rmtree(source)
     result["wall_seconds"] = round(sum(v["wall_seconds"] for v in result["nights"].values()), 1)
@@ -338,9 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
     sizes = {int(k): v for k, v in earlier.get("sizes", {}).items()}
-    for n in args.sizes:
-        sizes[n] = run_size(args.work, n, args.base, args.keep)
-        fitted = exponents(sizes)
+
+    def save(result: dict | None = None) -> None:
+        if result is not None:
+            sizes[result["n"]] = result
+        complete = {k: v for k, v in sizes.items() if not v.get("partial")}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             json.dumps(
@@ -348,11 +354,15 @@ def main(argv: list[str] | None = None) -> None:
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                     "base_per_release": args.base,
                     "sizes": {str(k): v for k, v in sorted(sizes.items())},
-                    "exponents": fitted,
+                    "exponents": exponents(complete),
                 },
                 indent=2,
             )
         )
+
+    for n in args.sizes:
+        save(run_size(args.work, n, args.base, args.keep, save))
+    sizes = {k: v for k, v in sizes.items() if not v.get("partial")}
     print_tables(sizes, exponents(sizes))
     if args.plot:
         plot(sizes, args.plot)
