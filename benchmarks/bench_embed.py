@@ -117,15 +117,26 @@ def _gemms(runner, data: dict) -> tuple[float, dict]:
     class Shapes(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0]
-            if name in ("addmm", "mm", "bmm"):
+            key = None
+            if name == "linear":  # x (..., in) @ weight (out, in).T
+                x, w = args[0], args[1]
+                key = ("mm", (int(np.prod(x.shape[:-1])), x.shape[-1]), (w.shape[1], w.shape[0]))
+            elif name in ("addmm", "mm"):
                 a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
-                key = (name, tuple(a.shape), tuple(b.shape))
+                key = ("mm", tuple(a.shape), tuple(b.shape))
+            elif name in ("bmm", "matmul") and args[0].dim() >= 3:
+                a, b = args[0], args[1]
+                batch = int(np.prod(a.shape[:-2]))
+                key = ("bmm", (batch, *a.shape[-2:]), (batch, *b.shape[-2:]))
+            if key is not None:
                 shapes[key] = shapes.get(key, 0) + 1
             return func(*args, **(kwargs or {}))
 
     n = len(data["lrs_flux"])
     runner.model.requires_grad_(False)  # the counter's module hooks need no autograd
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, Shapes():
+    # the counter is the inner mode: it hands on the products it counts (linear as addmm,
+    # attention as bmm), which the outer mode records
+    with sdpa_kernel(SDPBackend.MATH), Shapes(), FlopCounterMode(display=False) as counter:
         runner.run_batch(**data, outputs=list(EMBED_OUTPUTS))
     return counter.get_total_flops() / n, shapes
 
@@ -163,7 +174,7 @@ def efficiency(model: str, store: Path, n: int, repeats: int) -> dict:
     gemm_flops, gemm_seconds = 0.0, 0.0
     for (name, sa, sb), count in shapes.items():
         x, y = torch.randn(*sa), torch.randn(*sb)
-        flops = 2 * float(np.prod(sa)) * sb[-1]
+        flops = 2.0 * float(np.prod(sa)) * sb[-1]
         op = (lambda x=x, y=y: torch.bmm(x, y)) if name == "bmm" else (lambda x=x, y=y: x @ y)
         gemm_flops += flops * count
         gemm_seconds += flops * count / (_gflops(op, flops) * 1e9)
@@ -178,7 +189,6 @@ def efficiency(model: str, store: Path, n: int, repeats: int) -> dict:
             r * flops_per_star / 1e9 / p for r, p in zip(rates, peaks, strict=True)
         ),
         "own_gemms_alone_gflops": gemm_flops / gemm_seconds / 1e9,
-        "matmul_share_of_flops": gemm_flops / (flops_per_star * runner.batch_size),
         "repeats": repeats,
     }
 
