@@ -241,3 +241,33 @@ def test_extending_the_index_keeps_the_graph_current(scored):
     store, _ = scored
     extended = extend_store_indexes(store, "DR2B", show_progress=False)
     assert "nothing new" in str(extended)
+
+
+def test_a_subsample_of_batches_decodes_only_its_stars(scored, tiny_model):
+    """The floor fit's subsample (every k-th star of the release) gives the rows, stored
+    outputs and predictions of the full pass, without decoding the other stars."""
+    from specsearch.models.runner import SpecCLIPRunner
+    from specsearch.pipeline.embed import plan_chunks
+    from specsearch.pipeline.score import _batches, _read_batch
+
+    store, _ = scored
+    runner = SpecCLIPRunner(str(tiny_model), device="cpu")
+    full = [_read_batch(store, chunk, runner) for chunk in plan_chunks(store, "DR2B")]
+    every = 7
+    sub = list(_batches(store, "DR2B", runner, False, "test", every=every))
+    ids = np.concatenate([b.source_id for b in full])
+    chosen = np.arange(len(ids)) % every == 0
+    assert np.array_equal(np.concatenate([b.source_id for b in sub]), ids[chosen])
+    assert sum(len(b.source_id) for b in sub) == -(-len(ids) // every)  # 1200 stars -> 172
+
+    def joined(batches, part, key):
+        values = np.concatenate([getattr(batch, part)[key] for batch in batches])
+        return values[chosen] if batches is full else values
+
+    for modality in ("lrs", "xp"):
+        for part in ("has", "embedding"):
+            np.testing.assert_array_equal(joined(full, part, modality), joined(sub, part, modality))
+    for key in sub[0].predicted:
+        np.testing.assert_allclose(
+            joined(sub, "predicted", key), joined(full, "predicted", key), atol=1e-5, equal_nan=True
+        )

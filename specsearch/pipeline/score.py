@@ -164,11 +164,16 @@ def _aligned(rows: pa.Table, source_id: np.ndarray, column: str) -> np.ndarray:
     return out
 
 
-def _read_batch(store: Store, chunk: Chunk, runner: Any) -> Batch:
+def _read_batch(store: Store, chunk: Chunk, runner: Any, keep: np.ndarray | None = None) -> Batch:
+    """A chunk's observed spectra, stored outputs and decoded predictions; ``keep`` (a mask of
+    the chunk's rows) keeps only those, before anything is decoded."""
     table = read_chunk(chunk)
     source_id = table.column("source_id").to_numpy()
     if len(source_id) > 1 and np.any(np.diff(source_id) <= 0):
         raise SpecsearchError(f"{chunk.shard_path}: rows are not sorted by source_id")
+    if keep is not None:
+        table = table.filter(pa.array(keep))
+        source_id = source_id[keep]
     observed = {
         "lrs_flux": column_matrix(table, "lrs_flux"),
         "lrs_ivar": column_matrix(table, "lrs_ivar"),
@@ -185,6 +190,9 @@ def _read_batch(store: Store, chunk: Chunk, runner: Any) -> Batch:
         names = ["source_id", "embedding", "features", "align_cos"]
         names += [f"pred_{label}{s}" for label in LABELS for s in ("", "_err")]
         rows = pq.read_table(path, columns=names, **VERIFY)
+        if keep is not None:  # only the kept stars' outputs
+            stored = rows.column("source_id").to_numpy()
+            rows = rows.filter(pa.array(np.isin(stored, source_id)))
         has[modality] = np.isin(source_id, rows.column("source_id").to_numpy())
         embedding[modality] = _aligned(rows, source_id, "embedding")
         norms = np.linalg.norm(embedding[modality], axis=1, keepdims=True)
@@ -225,14 +233,21 @@ def normalise_xp(observed: dict[str, np.ndarray], predicted: dict[str, np.ndarra
 
 
 def _batches(
-    store: Store, release: str, runner: Any, show_progress: bool, what: str
+    store: Store, release: str, runner: Any, show_progress: bool, what: str, every: int = 1
 ) -> Iterator[Batch]:
+    """The release's batches; with ``every`` > 1 only every so many stars of the release (in
+    shard order), so that a subsample costs only its own decoding."""
     chunks = plan_chunks(store, release)
     total = sum(c.stop - c.start for c in chunks)
+    position = 0
     with progress(what, total, show_progress, unit="stars") as advance:
         for chunk in chunks:
-            yield _read_batch(store, chunk, runner)
-            advance(chunk.stop - chunk.start)
+            size = chunk.stop - chunk.start
+            keep = None if every == 1 else (np.arange(position, position + size) % every) == 0
+            position += size
+            if keep is None or keep.any():
+                yield _read_batch(store, chunk, runner, keep)
+            advance(size)
 
 
 # ------------------------------------------------------------------ statistics of a batch
@@ -630,13 +645,11 @@ def fit_reference(
         reference.centroids[modality] = _cluster(vectors)
     # 2. the model-error floors of each cluster, on a regular subsample of the reference
     sample: dict[str, list[tuple[np.ndarray, ...]]] = {c: [] for c in COMPARISONS}
-    position = 0
-    for batch in _batches(store, release, runner, show_progress, f"fitting floors on {release}"):
-        chosen = (np.arange(position, position + len(batch.source_id)) % every) == 0
-        position += len(batch.source_id)
+    floors_of = f"fitting floors on {release}"
+    for batch in _batches(store, release, runner, show_progress, floors_of, every=every):
         for component, (modality, prediction) in COMPARISONS.items():
             other = "xp" if modality == "lrs" else "lrs"
-            keep = chosen & batch.has[modality]
+            keep = batch.has[modality].copy()
             if component.startswith("cross"):
                 keep &= batch.has[other]
             source = SOURCE[component]
