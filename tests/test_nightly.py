@@ -53,7 +53,7 @@ def test_each_stage_reports_its_time_and_peak_memory(nights):
         stages = list(night.metrics.values())
         for earlier, later in zip(stages, stages[1:], strict=False):
             # in order, one after the other, and the stages fit inside the night
-            assert earlier["started"] + earlier["seconds"] <= later["started"] + 1e-3
+            assert earlier["started"] + earlier["seconds"] <= later["started"] + 5e-3  # rounding
         assert 0 < sum(m["seconds"] for m in stages) <= night.seconds
         for m in stages:
             # this process's own peak since the stage began: at least what the interpreter
