@@ -116,13 +116,16 @@ def nightly(
     return result
 
 
-def _peak_rss_mb(reset: bool = False) -> float | None:
-    """This process's peak resident memory in MB since the last reset (Linux: VmHWM, reset by
-    writing 5 to /proc/self/clear_refs); None where /proc does not tell."""
+def _reset_peak_rss() -> None:
+    """Start this process's peak-memory count afresh (Linux: 5 into /proc/self/clear_refs)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB since the last reset (Linux: VmHWM); None
+    where /proc does not tell."""
     try:
-        if reset:
-            Path("/proc/self/clear_refs").write_text("5")
-            return None
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
@@ -136,7 +139,7 @@ def _peak_rss_mb(reset: bool = False) -> float | None:
 def _metered(result: NightlyResult, stage: str):
     """Record a stage's start (Unix time), wall seconds and this process's peak RSS in MB (worker
     processes, such as ingest's, are not counted here) into ``result.metrics``."""
-    _peak_rss_mb(reset=True)
+    _reset_peak_rss()
     started, t0 = time.time(), time.perf_counter()
     try:
         yield
