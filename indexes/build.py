@@ -26,10 +26,12 @@ from .choose import (
     code_ladder,
     default_memory_budget,
     index_bytes,
+    index_family,
 )
 from .device import CpuDevice, resolve_device
 from .make import (
     ADD_BATCH,
+    GRAPH_EF_CONSTRUCTION,
     TRAIN_POINTS_PER_LIST,
     add_vectors,
     is_ivf,
@@ -316,6 +318,7 @@ def _record(
         "recall": round(float(tuning.recall), 5),
         "recalls": tuning.recalls,
         "search_params": tuning.search_params,
+        **({"ef_construction": GRAPH_EF_CONSTRUCTION} if index_family(factory) == "graph" else {}),
         "speed": tuning.speed,
         "tuning": tuning.curve,
         "tried": tried,

@@ -24,19 +24,29 @@ TRAIN_POINTS_PER_LIST = 64
 KMEANS_ITERATIONS = 10
 MAX_TRAIN_OTHER = 100_000
 """Training sample for trainable indexes that are not inverted files (e.g. a flat PQ)."""
+GRAPH_EF_CONSTRUCTION = 80
+"""Width of the search that links each vector added to a graph (HNSW ``efConstruction``; FAISS's
+default is 40). On 200k XP embeddings, 80 raised recall@10 at efSearch=10 from 0.968 to 0.974
+for HNSW16,SQfp16 and from 0.960 to 0.962 for HNSW8,SQfp16, for twice the add time: a better
+graph reaches the target at a smaller efSearch, and every search after is faster for it. Kept
+in the index file, so vectors added later are linked the same way."""
 
 
 def make_index(factory: str, d: int) -> faiss.Index:
     """An empty inner-product index from a FAISS factory string, able to take explicit ids.
 
     Types without native ids (Flat, HNSW, PQ, ...) are wrapped in ``IndexIDMap``: 8 bytes an id
-    (``IDMap2``'s reverse map would add ~40 more, for a lookup by id nothing here does).
+    (``IDMap2``'s reverse map would add ~40 more, for a lookup by id nothing here does). A graph
+    links its vectors with ``GRAPH_EF_CONSTRUCTION``.
     """
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         message = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
         raise SpecsearchError(f"FAISS factory {factory!r} for d={d}: {message}") from None
+    graph = graph_of(index)
+    if graph is not None:
+        graph.hnsw.efConstruction = GRAPH_EF_CONSTRUCTION
     if is_ivf(index) or isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return index
     return faiss.IndexIDMap(index)  # the wrapper keeps a Python reference to the inner index

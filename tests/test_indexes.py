@@ -38,7 +38,8 @@ from specsearch.indexes import (
 from specsearch.indexes.choose import candidate_factories, cost_growth, index_bytes
 from specsearch.indexes.device import _clip_nprobe
 from specsearch.indexes.io import rebuild_reason
-from specsearch.indexes.measure import tuning_queries
+from specsearch.indexes.make import GRAPH_EF_CONSTRUCTION
+from specsearch.indexes.measure import graph_of, tuning_queries
 from specsearch.store import Store
 
 D = 32
@@ -361,6 +362,9 @@ def test_graph_grows_in_place_and_is_rebuilt_to_replace_vectors(tmp_path, cluste
         vectors[:6000], ids[:6000], factory="HNSW16,SQfp16", show_progress=False
     )
     save_index(index, params, tmp_path, "xp")
+    # linked with the wider construction search, which the file keeps for the vectors added later
+    assert params["ef_construction"] == GRAPH_EF_CONSTRUCTION == 80
+    assert graph_of(load_index(tmp_path, "xp")[0]).hnsw.efConstruction == 80
     grown = extend_index(tmp_path, "xp", vectors[6000:8000], ids[6000:8000])
     assert "rebuilt" not in grown and grown["factory"] == "HNSW16,SQfp16"
     assert grown["n"] == 8000 and grown["added"] == 2000
