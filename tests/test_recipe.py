@@ -82,3 +82,38 @@ def test_a_killed_sitting_keeps_the_time_of_its_logged_epochs(tmp_path, monkeypa
         recipe.run(tmp_path / "model", work, command="sitting 1")
     record = json.loads((work / "slow.json").read_text())
     assert record["finished"] is False and record["seconds"] > 0
+
+
+def test_the_second_alignment_starts_from_the_first_and_feeds_the_heads(tmp_path, monkeypatch):
+    """align_more continues the first alignment (its best checkpoint) on both simulated surveys
+    at half the rate, and the label heads are fine-tuned on what it made."""
+    seen: dict = {}
+    monkeypatch.setattr(
+        recipe,
+        "align",
+        lambda data, lrs, xp, out, *a, **k: seen.setdefault(out.name, (data, a[-1])) and {},
+    )
+    monkeypatch.setattr(
+        recipe, "finetune", lambda model, data, out, *a, **k: seen.setdefault(out.name, model)
+    )
+    data = {name: tmp_path / name for name in ("sim", "sim2", "realpair", "real")}
+    stages = recipe.stages(tmp_path, data, seed=0, scale=1.0, device="cpu", log=print)
+    names = [s.name for s in stages]
+    assert names == [
+        "pretrain_lrs",
+        "pretrain_xp",
+        "align",
+        "align_more",
+        "finetune_xp",
+        "finetune_lrs",
+    ]
+    by_name = {s.name: s for s in stages}
+    assert by_name["align_more"].cfg.lr == by_name["align"].cfg.lr / 2
+    for name in ("align", "align_more", "finetune_xp"):
+        by_name[name].run(by_name[name].cfg)
+    first_data, first_init = seen["clip"]
+    more_data, more_init = seen["clip2"]
+    assert data["sim2"] not in first_data and first_init is None
+    assert more_data == [data["sim"], data["sim2"], data["realpair"]]
+    assert more_init == tmp_path / "clip" / "best"
+    assert seen["labels_xp"] == tmp_path / "clip2" / "best"
