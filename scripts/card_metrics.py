@@ -91,7 +91,7 @@ def main() -> None:
     card = json.loads(card_path.read_text())
     command = (
         f"python benchmarks/evaluate.py --model {model_dir.name} --n-retrieval "
-        f"{evaluation['simulated_pairs']['n_test_pairs']} --threads 1"
+        f"{evaluation['simulated_pairs']['n_test_pairs']} --threads {evaluation['args']['threads']}"
     )
     card["metrics"] = summary(evaluation, command)
     card_path.write_text(json.dumps(card, indent=2) + "\n")

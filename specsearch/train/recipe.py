@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         default=None,
         help="warm-start from this SpecCLIP model (id or directory): its LRS encoder as it is, "
-        "its XP encoder for 40 more epochs, its heads and decoders for 30 epochs of alignment",
+        "its XP encoder for 40 more epochs, its heads and decoders for 30 + 30 epochs of alignment",
     )
     args = parser.parse_args(argv)
     set_threads(args.threads)
