@@ -243,6 +243,10 @@ def _push_down(
                     else f"like {int(marked[b])} marked {kinds[b]} "
                     f"({what} cos {sims[position]:.3f})"
                 )
+    # a marked star keeps nothing, exactly: its likeness to itself is 1 only to rounding
+    kind_of = dict(zip(marked.tolist(), kinds, strict=True))
+    for i in np.flatnonzero(np.isin(ids, marked)):
+        keep[i], reason[i] = 0.0, f"marked {kind_of[int(ids[i])]}"
     return keep, reason
 
 
