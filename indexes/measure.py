@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import faiss
@@ -220,23 +219,34 @@ SINGLE_QUERIES = 200
 """One-query searches timed for the single-query latency (its median)."""
 
 FEW_QUERIES = 16
-"""Fewer queries than this are searched on one thread (``one_thread``)."""
+"""Fewer queries than this are searched on one thread (``search_few``)."""
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """FAISS on one thread inside the block (process-wide), as it was after.
+def search_few(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` of a few queries (a user's search), on one thread and with the least
+    Python around FAISS: (similarities (nq, k) float32, labels (nq, k) int64).
 
-    For a search of a few queries: FAISS opens a thread pool even for one query (the IDMap
-    wrapper translates its 10 ids in parallel), and waking the pool costs more than the search,
-    a scheduler slice (milliseconds) on a busy machine.
+    One thread: FAISS opens its thread pool even for one query (the IDMap wrapper translates
+    its ids in parallel), and waking the pool costs more than the search, a scheduler slice
+    (milliseconds) on a busy machine. The thread count is set back after. Least Python: a query
+    of a 200k-vector graph takes about 20 us, and FAISS's Python wrapper with a context manager
+    around the thread count added about 6 us to it, so the call goes to FAISS's ``search_c``.
     """
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != index.d:
+        raise ValueError(f"queries of shape {x.shape} for an index of d={index.d}")
+    n = len(x)
+    similarities = np.empty((n, k), dtype=np.float32)
+    labels = np.empty((n, k), dtype=np.int64)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        yield
+        index.search_c(
+            n, faiss.swig_ptr(x), k, faiss.swig_ptr(similarities), faiss.swig_ptr(labels)
+        )
     finally:
         faiss.omp_set_num_threads(threads)
+    return similarities, labels
 
 
 def time_search(
@@ -286,15 +296,14 @@ def time_side_by_side(
 
 
 def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
-    """Median milliseconds of searching each of ``queries`` alone, on one thread as
-    ``search_store`` does."""
+    """Median milliseconds of searching each of ``queries`` alone, as ``search_store`` does
+    (``search_few``)."""
     times = np.empty(len(queries))
-    with one_thread():
-        for row in range(len(queries)):
-            query = queries[row : row + 1]
-            start = time.perf_counter()
-            index.search(query, k)
-            times[row] = time.perf_counter() - start
+    for row in range(len(queries)):
+        query = queries[row : row + 1]
+        start = time.perf_counter()
+        search_few(index, query, k)
+        times[row] = time.perf_counter() - start
     return 1e3 * float(np.median(times)) if len(times) else 0.0
 
 

@@ -17,7 +17,6 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from .choose import (
     index_bytes,
 )
 from .io import extend_index, load_index, read_params, rebuild_reason, save_index
-from .measure import FEW_QUERIES, one_thread
+from .measure import FEW_QUERIES, search_few
 
 READ_BATCH = 65_536
 
@@ -471,8 +470,11 @@ def search_store(
     norms = np.linalg.norm(queries, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or (norms == 0).any():
         raise SpecsearchError("a query vector is zero, NaN or infinite")
-    with one_thread() if len(queries) < FEW_QUERIES else nullcontext():
-        similarities, ids = index.search(np.ascontiguousarray(queries / norms), k)
+    unit = np.ascontiguousarray(queries / norms)
+    if len(queries) < FEW_QUERIES:
+        similarities, ids = search_few(index, unit, k)
+    else:
+        similarities, ids = index.search(unit, k)
     similarities[ids < 0] = np.nan
     if np.nanmax(np.abs(similarities), initial=0.0) > 1.01:  # unit vectors: |cos| <= 1
         raise EnvironmentFault(

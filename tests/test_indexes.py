@@ -39,7 +39,7 @@ from specsearch.indexes.choose import candidate_factories, cost_growth, index_by
 from specsearch.indexes.device import _clip_nprobe
 from specsearch.indexes.io import rebuild_reason
 from specsearch.indexes.make import GRAPH_EF_CONSTRUCTION
-from specsearch.indexes.measure import graph_of, tuning_queries
+from specsearch.indexes.measure import graph_of, search_few, tuning_queries
 from specsearch.store import Store
 
 D = 32
@@ -290,6 +290,23 @@ def test_bad_input_is_refused(clustered):
     broken[3] = np.nan
     with pytest.raises(SpecsearchError, match=str(ids[3])):
         build_index(broken, ids[:10], show_progress=False)
+
+
+def test_search_few_equals_search_and_leaves_the_thread_count(clustered, auto_index):
+    vectors, ids = clustered
+    index, _ = auto_index
+    threads = faiss.omp_get_max_threads()
+    for rows in (slice(0, 1), slice(5, 12)):
+        expected = index.search(vectors[rows], 10)
+        got = search_few(index, vectors[rows], 10)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_allclose(got[0], expected[0])
+        assert got[1].dtype == np.int64 and got[0].dtype == np.float32
+        assert set(got[1][0]) <= set(ids) and got[1][0, 0] == ids[rows.start]
+    assert faiss.omp_get_max_threads() == threads
+    with pytest.raises(ValueError, match="d=32"):
+        search_few(index, vectors[:1, :16], 10)
+    assert faiss.omp_get_max_threads() == threads
 
 
 def test_save_load_round_trip(tmp_path, clustered, auto_index):
