@@ -15,10 +15,11 @@ For each N, on the same database and the same held-out queries (vectors not in t
 
 Every peer's knob (efSearch, nprobe, ef, expansion) is set to the smallest value whose recall@k
 on the evaluation queries themselves reaches --target-recall: the most favourable tuning a peer
-could have. Then all are timed in --rounds interleaved rounds (the order shuffled each round, so
-a shared machine's passing load falls on all alike): batch QPS (all queries in one call, on
---threads threads) and single-query latency (the median of --single one-query calls, one
-thread, or of at least 50 for half a second where a query is slow); the table gives the median over rounds, the build time, the size of the index as saved,
+could have. Then all are timed in --rounds interleaved rounds, each cut in ten slices in which
+every method takes a turn in a new order (so a shared machine's passing load falls on all
+alike): batch QPS (the queries in batch calls of a tenth, on --threads threads) and single-query
+latency (the median of --single one-query calls, one thread; fewer where a query is slow); the
+table gives the median over rounds, the build time, the size of the index as saved,
 and the ratios of auto to the best configuration that reaches the target recall. Writes
 ``benchmarks/results/search_<source>_<N>.json``.
 
@@ -341,8 +342,11 @@ def run_flat(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, args):
 
 # --- tuning and timing
 
-SLOW_SINGLES = (50, 0.5)
-"""A round times one query at a time --single times, or at least this many for this many s."""
+SLICES = 10
+"""A round is cut in this many slices; every method takes its turn in each slice."""
+
+SLOW_SINGLES = (5, 0.05)
+"""A slice times a slow method's one-query searches until this many took this many s."""
 
 
 def tune_peer(method: Method, queries: np.ndarray, true_ids: np.ndarray, args) -> float:
@@ -378,30 +382,45 @@ def tune_peer(method: Method, queries: np.ndarray, true_ids: np.ndarray, args) -
 
 
 def time_rounds(methods: list[Method], queries: np.ndarray, args) -> dict[str, dict]:
-    """Median batch QPS and single-query ms of each method over interleaved rounds."""
+    """Median batch QPS and single-query ms of each method over interleaved rounds.
+
+    The machine's speed changes from one tenth of a second to the next (on this shared machine
+    one index's one-query time jumps between two levels 1.7x apart), so a round is cut in
+    ``SLICES`` slices and every method, in a new order each slice, searches its part of the
+    queries in one batch call and its part of the --single queries one at a time. A round's batch
+    QPS is its queries over the sum of its slices' times; its single-query ms the median of its
+    one-query times.
+    """
     batch = {m.name: [] for m in methods}
     single = {m.name: [] for m in methods}
     rng = np.random.default_rng(args.seed)
-    singles = queries[: args.single]
+    batches = np.array_split(queries, SLICES)
+    singles = np.array_split(queries[: args.single], SLICES)
     for method in methods:  # warm up
         method.batch(queries[:100], args.k)
-        method.one(singles[:1], args.k)
+        method.one(queries[:1], args.k)
     for number in range(args.rounds):
         console.print(f"  timing round {number + 1}/{args.rounds}")
-        for i in rng.permutation(len(methods)):
-            method = methods[i]
-            start = time.perf_counter()
-            method.batch(queries, args.k)
-            batch[method.name].append(time.perf_counter() - start)
-            times = []
-            for row in range(len(singles)):  # a slow method: 50 queries or half a second
-                if row >= SLOW_SINGLES[0] and sum(times) > SLOW_SINGLES[1]:
-                    break
-                query = singles[row : row + 1]
-                t0 = time.perf_counter()
-                method.one(query, args.k)
-                times.append(time.perf_counter() - t0)
-            single[method.name].append(1e3 * float(np.median(times)))
+        batch_s = {m.name: 0.0 for m in methods}
+        times = {m.name: [] for m in methods}
+        for part in range(SLICES):
+            for i in rng.permutation(len(methods)):
+                method = methods[i]
+                start = time.perf_counter()
+                method.batch(batches[part], args.k)
+                batch_s[method.name] += time.perf_counter() - start
+                spent = []
+                for row in range(len(singles[part])):
+                    if len(spent) >= SLOW_SINGLES[0] and sum(spent) > SLOW_SINGLES[1]:
+                        break
+                    query = singles[part][row : row + 1]
+                    t0 = time.perf_counter()
+                    method.one(query, args.k)
+                    spent.append(time.perf_counter() - t0)
+                times[method.name] += spent
+        for method in methods:
+            batch[method.name].append(batch_s[method.name])
+            single[method.name].append(1e3 * float(np.median(times[method.name])))
     return {
         m.name: {
             "qps": len(queries) / float(np.median(batch[m.name])),
