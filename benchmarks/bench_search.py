@@ -52,7 +52,12 @@ from rich.table import Table
 from sklearn.metrics.pairwise import cosine_similarity
 
 from specsearch.indexes import build_index, default_memory_budget, nlist_for, recall_at_k
-from specsearch.indexes.measure import search_few, search_knob, set_search_params
+from specsearch.indexes.measure import (
+    search_few,
+    search_knob,
+    set_search_params,
+    time_interleaved,
+)
 
 RESULTS = Path(__file__).parent / "results"
 ID_OFFSET, ID_STRIDE = 1_000_000, 7  # sparse ids, like source_ids
@@ -342,12 +347,6 @@ def run_flat(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, args):
 
 # --- tuning and timing
 
-SLICES = 10
-"""A round is cut in this many slices; every method takes its turn in each slice."""
-
-SLOW_SINGLES = (5, 0.05)
-"""A slice times a slow method's one-query searches until this many took this many s."""
-
 
 def tune_peer(method: Method, queries: np.ndarray, true_ids: np.ndarray, args) -> float:
     """Set the peer's knob to the smallest value reaching the target recall on ``queries``.
@@ -382,53 +381,24 @@ def tune_peer(method: Method, queries: np.ndarray, true_ids: np.ndarray, args) -
 
 
 def time_rounds(methods: list[Method], queries: np.ndarray, args) -> dict[str, dict]:
-    """Median batch QPS and single-query ms of each method over interleaved rounds.
-
-    The machine's speed changes from one tenth of a second to the next (on this shared machine
-    one index's one-query time jumps between two levels 1.7x apart), so a round is cut in
-    ``SLICES`` slices and every method, in a new order each slice, searches its part of the
-    queries in one batch call and its part of the --single queries one at a time. A round's batch
-    QPS is its queries over the sum of its slices' times; its single-query ms the median of its
-    one-query times.
-    """
-    batch = {m.name: [] for m in methods}
-    single = {m.name: [] for m in methods}
-    rng = np.random.default_rng(args.seed)
-    batches = np.array_split(queries, SLICES)
-    singles = np.array_split(queries[: args.single], SLICES)
-    for method in methods:  # warm up
-        method.batch(queries[:100], args.k)
-        method.one(queries[:1], args.k)
-    for number in range(args.rounds):
-        console.print(f"  timing round {number + 1}/{args.rounds}")
-        batch_s = {m.name: 0.0 for m in methods}
-        times = {m.name: [] for m in methods}
-        for part in range(SLICES):
-            for i in rng.permutation(len(methods)):
-                method = methods[i]
-                start = time.perf_counter()
-                method.batch(batches[part], args.k)
-                batch_s[method.name] += time.perf_counter() - start
-                spent = []
-                for row in range(len(singles[part])):
-                    if len(spent) >= SLOW_SINGLES[0] and sum(spent) > SLOW_SINGLES[1]:
-                        break
-                    query = singles[part][row : row + 1]
-                    t0 = time.perf_counter()
-                    method.one(query, args.k)
-                    spent.append(time.perf_counter() - t0)
-                times[method.name] += spent
-        for method in methods:
-            batch[method.name].append(batch_s[method.name])
-            single[method.name].append(1e3 * float(np.median(times[method.name])))
+    """Median batch QPS and single-query ms of each method over interleaved rounds, each round
+    cut in slices in which every method takes a turn (``time_interleaved``)."""
+    speeds = time_interleaved(
+        {m.name: (m.batch, m.one) for m in methods},
+        queries,
+        args.k,
+        rounds=args.rounds,
+        singles=args.single,
+        seed=args.seed,
+    )
     return {
-        m.name: {
-            "qps": len(queries) / float(np.median(batch[m.name])),
-            "single_ms": float(np.median(single[m.name])),
-            "qps_rounds": [round(len(queries) / t, 1) for t in batch[m.name]],
-            "single_ms_rounds": [round(t, 4) for t in single[m.name]],
+        name: {
+            "qps": speed["batch_qps"],
+            "single_ms": speed["single_ms"],
+            "qps_rounds": speed["batch_qps_rounds"],
+            "single_ms_rounds": speed["single_ms_rounds"],
         }
-        for m in methods
+        for name, speed in speeds.items()
     }
 
 

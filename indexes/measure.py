@@ -269,29 +269,86 @@ def time_search(
     }
 
 
+SLICES = 10
+"""An interleaved timing round is cut in this many slices; every searcher has a turn in each."""
+
+SLOW_SINGLES = (5, 0.05)
+"""A slice times a slow searcher's one-query searches only until this many took this many s."""
+
+
+def time_interleaved(
+    searchers: dict[str, tuple[Callable, Callable]],
+    queries: np.ndarray,
+    k: int,
+    rounds: int = 5,
+    singles: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Batch and one-query speed of several searchers measured side by side: {name: speed}.
+
+    ``searchers`` maps a name to (batch, one): ``batch(queries, k)`` searches many queries in one
+    call, ``one(query, k)`` a (1, d) query as a user's search does. A shared machine's speed
+    changes from one tenth of a second to the next (here one index's one-query time jumps
+    between two levels 1.7x apart), so every round is cut in ``SLICES`` slices and every searcher,
+    in a new order each slice, searches its part of ``queries`` in one batch call and its part of
+    the first ``singles`` one at a time. A round's batch QPS is its queries over the sum of its
+    slices' times, its single-query ms the median of its one-query times; the speed is the median
+    over rounds: {"batch_qps", "single_ms", "batch_qps_rounds", "single_ms_rounds"}.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(searchers)
+    batches = np.array_split(queries, SLICES)
+    ones = np.array_split(queries[:singles], SLICES)
+    for batch, one in searchers.values():  # warm up: thread pools, caches
+        batch(queries[:100], k)
+        one(queries[:1], k)
+    qps: dict[str, list[float]] = {name: [] for name in names}
+    single: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        batch_s = dict.fromkeys(names, 0.0)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for part in range(SLICES):
+            for i in rng.permutation(len(names)):
+                name = names[i]
+                batch, one = searchers[name]
+                start = time.perf_counter()
+                batch(batches[part], k)
+                batch_s[name] += time.perf_counter() - start
+                spent = times[name]
+                for row in range(len(ones[part])):
+                    if row >= SLOW_SINGLES[0] and sum(spent[-row:]) > SLOW_SINGLES[1]:
+                        break
+                    start = time.perf_counter()
+                    one(ones[part][row : row + 1], k)
+                    spent.append(time.perf_counter() - start)
+        for name in names:
+            qps[name].append(len(queries) / max(batch_s[name], 1e-9))
+            single[name].append(1e3 * float(np.median(times[name])) if times[name] else 0.0)
+    return {
+        name: {
+            "batch_qps": round(float(np.median(qps[name])), 1),
+            "single_ms": round(float(np.median(single[name])), 4),
+            "batch_qps_rounds": [round(v, 1) for v in qps[name]],
+            "single_ms_rounds": [round(v, 4) for v in single[name]],
+        }
+        for name in names
+    }
+
+
 def time_side_by_side(
     indexes: dict[str, faiss.Index], queries: np.ndarray, k: int, rounds: int = 5
 ) -> dict[str, dict]:
-    """``time_search`` of several indexes in turn, round after round: {name: speed}, medians.
+    """Speed of several FAISS indexes as set now, measured side by side (``time_interleaved``):
+    {name: {"batch_qps", "single_ms"}}, the batch on FAISS's threads, one query as
+    ``search_store`` does."""
 
-    Timing them interleaved puts a shared machine's passing load on all of them alike.
-    """
-    batch: dict[str, list[float]] = {name: [] for name in indexes}
-    single: dict[str, list[float]] = {name: [] for name in indexes}
-    for index in indexes.values():
-        index.search(queries[:1], k)  # warm up
-    for _ in range(rounds):
-        for name, index in indexes.items():
-            start = time.perf_counter()
-            index.search(queries, k)
-            batch[name].append(time.perf_counter() - start)
-            single[name].append(single_query_ms(index, queries[:SINGLE_QUERIES], k))
+    def searcher(index: faiss.Index) -> tuple[Callable, Callable]:
+        return (lambda q, k: index.search(q, k), lambda q, k: search_few(index, q, k))
+
+    speeds = time_interleaved({n: searcher(i) for n, i in indexes.items()}, queries, k, rounds)
     return {
-        name: {
-            "batch_qps": round(len(queries) / max(float(np.median(batch[name])), 1e-9), 1),
-            "single_ms": round(float(np.median(single[name])), 4),
-        }
-        for name in indexes
+        name: {"batch_qps": speed["batch_qps"], "single_ms": speed["single_ms"]}
+        for name, speed in speeds.items()
     }
 
 

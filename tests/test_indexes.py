@@ -39,7 +39,13 @@ from specsearch.indexes.choose import candidate_factories, cost_growth, index_by
 from specsearch.indexes.device import _clip_nprobe
 from specsearch.indexes.io import rebuild_reason
 from specsearch.indexes.make import GRAPH_EF_CONSTRUCTION
-from specsearch.indexes.measure import graph_of, search_few, tuning_queries
+from specsearch.indexes.measure import (
+    SLICES,
+    graph_of,
+    search_few,
+    time_interleaved,
+    tuning_queries,
+)
 from specsearch.store import Store
 
 D = 32
@@ -307,6 +313,45 @@ def test_search_few_equals_search_and_leaves_the_thread_count(clustered, auto_in
     with pytest.raises(ValueError, match="d=32"):
         search_few(index, vectors[:1, :16], 10)
     assert faiss.omp_get_max_threads() == threads
+
+
+def test_interleaved_timing_takes_turns_and_cuts_slow_searches_short():
+    import time
+
+    calls = []
+
+    def searcher(name, batch_s, one_s):
+        def batch(queries, k):
+            calls.append((name, "batch", len(queries)))
+            time.sleep(batch_s)
+
+        def one(query, k):
+            assert query.shape == (1, 4) and k == 10
+            calls.append((name, "one", 1))
+            time.sleep(one_s)
+
+        return batch, one
+
+    queries = np.ones((400, 4), np.float32)
+    speeds = time_interleaved(
+        {"fast": searcher("fast", 0.002, 0.0), "slow": searcher("slow", 0.0, 0.011)},
+        queries,
+        10,
+        rounds=2,
+        singles=200,
+    )
+    timed = calls[4:]  # after the warm-up: one batch and one query each
+    batches = [(name, n) for name, kind, n in timed if kind == "batch"]
+    assert len(batches) == 2 * 2 * SLICES and {n for _, n in batches} == {40}
+    for turn in range(0, len(batches), 2):  # both have a turn in every slice
+        assert {name for name, _ in batches[turn : turn + 2]} == {"fast", "slow"}
+    ones = [name for name, kind, _ in timed if kind == "one"]
+    assert ones.count("fast") == 2 * 200  # every query of --single
+    assert ones.count("slow") == 2 * SLICES * 5  # five a slice: 55 ms > 50 ms
+    # 400 queries in 10 calls of 2 ms: at most 20,000 QPS, and sleep overshoots little
+    assert 12_000 < speeds["fast"]["batch_qps"] <= 20_000
+    assert 11.0 <= speeds["slow"]["single_ms"] < 16.0
+    assert speeds["fast"]["single_ms"] < 1.0 and len(speeds["slow"]["single_ms_rounds"]) == 2
 
 
 def test_save_load_round_trip(tmp_path, clustered, auto_index):
