@@ -314,13 +314,15 @@ def time_interleaved(
                 start = time.perf_counter()
                 batch(batches[part], k)
                 batch_s[name] += time.perf_counter() - start
-                spent = times[name]
+                slice_s = 0.0
                 for row in range(len(ones[part])):
-                    if row >= SLOW_SINGLES[0] and sum(spent[-row:]) > SLOW_SINGLES[1]:
+                    if row >= SLOW_SINGLES[0] and slice_s > SLOW_SINGLES[1]:
                         break
                     start = time.perf_counter()
                     one(ones[part][row : row + 1], k)
-                    spent.append(time.perf_counter() - start)
+                    took = time.perf_counter() - start
+                    times[name].append(took)
+                    slice_s += took
         for name in names:
             qps[name].append(len(queries) / max(batch_s[name], 1e-9))
             single[name].append(1e3 * float(np.median(times[name])) if times[name] else 0.0)
